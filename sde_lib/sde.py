@@ -1,0 +1,357 @@
+"""Forward SDEs with Gaussian transition kernels (MATH.md §1–§3).
+
+All three SDEs are linear, ``dx = f(t) x dt + g(t) dw``, so the perturbation kernel is
+``x_t | x_0 ~ N(α(t) x_0, s(t)² I)``. The base class derives everything a sampler needs
+(drift, marginals, prior, half log-SNR, reverse process) from four scalar schedules that each
+SDE defines: ``log_mean_coeff`` (log α), ``marginal_var`` (s²), ``drift_coeff`` (f) and
+``diffusion_sq`` (g²). Every time argument is a tensor of shape (B,) broadcast against data
+of shape (B, ...).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "ReverseSDE", "batch_broadcast"]
+
+
+def batch_broadcast(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample coefficient of shape (B,) so that it broadcasts against x (B, ...)."""
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+class SDE(abc.ABC):
+    """A linear forward SDE on t ∈ [0, T] with its N-step discretisation.
+
+    Subclasses set the schedules below; the rest is shared. Times outside [0, T] (adaptive
+    ODE solvers probe there) are clamped to the interval for the quantities that are only
+    defined inside it (variances), so every method stays finite there.
+    """
+
+    T: float = 1.0
+    #: Default t at which samplers stop (MATH.md §4): the score blows up at t = 0.
+    default_eps: float = 1e-3
+
+    def __init__(self, N: int = 1000):
+        if int(N) != N or N < 2:
+            raise ValueError(f"N must be an integer >= 2, got {N!r}.")
+        self.N = int(N)
+
+    # ---- schedules every SDE defines -------------------------------------------------------
+    @abc.abstractmethod
+    def log_mean_coeff(self, t: Tensor) -> Tensor:
+        """log α(t): the mean of x_t given x_0 is α(t) x_0."""
+
+    @abc.abstractmethod
+    def marginal_var(self, t: Tensor) -> Tensor:
+        """s(t)²: the variance of x_t given x_0 (per dimension), strictly positive for t > 0."""
+
+    @abc.abstractmethod
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        """f(t), with the forward drift f(t) x."""
+
+    @abc.abstractmethod
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        """g(t)², the squared diffusion coefficient."""
+
+    @property
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the Gaussian prior N(0, prior_std² I) at t = T."""
+
+    @abc.abstractmethod
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        """The N-step forward chain x_i = a_i x_{i−1} + √v_i z, i = 0..N−1, as (a, v) in float64.
+
+        Index i corresponds to t_i = i/(N−1)·T. ``discretize`` and the ancestral and Langevin
+        steps read their coefficients from this one chain.
+        """
+
+    # ---- the reference interface ---------------------------------------------------------
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Drift f(x, t) (shape of x) and diffusion g(t) (shape (B,)) of the forward SDE."""
+        return batch_broadcast(self.drift_coeff(t).to(x.dtype), x) * x, self.diffusion_sq(t).sqrt()
+
+    def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean α(t) x (shape of x) and std s(t) (shape (B,)) of x_t given x_0 = x."""
+        alpha = self.log_mean_coeff(t).exp().to(x.dtype)
+        return batch_broadcast(alpha, x) * x, self.marginal_std(t).to(x.dtype)
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        """s(t), the standard deviation of the perturbation kernel."""
+        return self.marginal_var(t).sqrt()
+
+    def half_log_snr(self, t: Tensor) -> Tensor:
+        """λ(t) = log(α(t)/s(t)), decreasing in t; the natural variable of exponential integrators."""
+        return self.log_mean_coeff(t) - 0.5 * self.marginal_var(t).log()
+
+    @abc.abstractmethod
+    def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        """The inverse of ``half_log_snr``: the t at which λ(t) = lam."""
+
+    def prior_sampling(self, shape, generator: torch.Generator | None = None,
+                       device=None, dtype=None) -> Tensor:
+        """Draw x_T ~ N(0, prior_std² I) of the given shape."""
+        return self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log N(z; 0, prior_std² I) per sample, in nats: shape (B,)."""
+        d = z[0].numel()
+        sq = z.flatten(1).pow(2).sum(1)
+        return -0.5 * d * math.log(2 * math.pi * self.prior_std**2) - 0.5 * sq / self.prior_std**2
+
+    def chain_index(self, t: Tensor) -> Tensor:
+        """The index i of the discrete chain for time t, floor(t (N−1)/T), as in the reference code.
+
+        The floor is computed in float64 with a 1e-4 guard, so that t = i/(N−1)·T stored in
+        float32 maps to i rather than i − 1.
+        """
+        i = torch.floor(t.double() * (self.N - 1) / self.T + 1e-4).long()
+        return i.clamp(0, self.N - 1)
+
+    def chain_coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The chain step at time t, as tensors (B,) in the dtype and on the device of ``like``.
+
+        Returns (a_i, v_i, m_i) with x_i = a_i x_{i−1} + √v_i z and m_i the chain's own marginal
+        variance, m_i = a_i² m_{i−1} + v_i, m_{−1} = 0 (1 − ᾱ_i for DDPM, σ_i² for NCSN).
+        """
+        key = (like.device, like.dtype)
+        cache = self.__dict__.setdefault("_chain_cache", {})
+        if key not in cache:
+            a, v = self.discrete_chain()
+            m = torch.empty_like(v)
+            prev = 0.0
+            for i in range(len(v)):
+                prev = a[i] ** 2 * prev + v[i]
+                m[i] = prev
+            cache[key] = torch.stack([a, v, m]).to(device=like.device, dtype=like.dtype)
+        return tuple(cache[key][:, self.chain_index(t).to(like.device)])
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of the forward chain at time t: x_{i+1} = x_i + f + G z, returns (f, G (B,))."""
+        a, v, _ = self.chain_coeffs(t, x)
+        return batch_broadcast(a - 1, x) * x, v.sqrt()
+
+    def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+        """The reverse-time SDE (or, with probability_flow=True, the PF-ODE) driven by score_fn."""
+        return ReverseSDE(self, score_fn, probability_flow)
+
+    def with_steps(self, N: int) -> "SDE":
+        """A copy of this SDE with a different number of discretisation steps."""
+        return type(self)(**{**self.hparams(), "N": N})
+
+    def hparams(self) -> dict:
+        """The constructor arguments, enough to rebuild the SDE (checkpoints store these)."""
+        return {k: getattr(self, k) for k in self._hparam_names}
+
+    _hparam_names: tuple[str, ...] = ("N",)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.hparams() == other.hparams()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self.hparams().items())))
+
+
+@dataclasses.dataclass
+class ReverseSDE:
+    """The reverse-time process of ``forward`` (MATH.md §1), with the same ``sde``/``discretize`` interface.
+
+    With ``probability_flow=True`` the diffusion is zero and the drift is the PF-ODE's
+    f − ½ g² ∇log p. Drifts are in forward time: a sampler going from T to 0 steps by −Δt.
+    """
+
+    forward: SDE
+    score_fn: ScoreFn
+    probability_flow: bool = False
+
+    @property
+    def T(self) -> float:
+        return self.forward.T
+
+    @property
+    def N(self) -> int:
+        return self.forward.N
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Drift f − (1 or ½) g² s_θ and diffusion (g, or 0 for the PF-ODE)."""
+        f, g = self.forward.sde(x, t)
+        score = self.score_fn(x, t)
+        g2 = batch_broadcast(g.pow(2), x)
+        weight = 0.5 if self.probability_flow else 1.0
+        drift = f - weight * g2 * score
+        return drift, torch.zeros_like(g) if self.probability_flow else g
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Reverse of one forward chain step: (−f + G² s_θ (× ½ for the PF-ODE), G or 0)."""
+        f, G = self.forward.discretize(x, t)
+        score = self.score_fn(x, t)
+        weight = 0.5 if self.probability_flow else 1.0
+        rev_f = f - weight * batch_broadcast(G.pow(2), x) * score
+        return rev_f, torch.zeros_like(G) if self.probability_flow else G
+
+
+def _as_tensor(t) -> Tensor:
+    return t if torch.is_tensor(t) else torch.as_tensor(t, dtype=torch.float64)
+
+
+class _VPFamily(SDE):
+    """Shared mean schedule of VP and sub-VP: log α(t) = −¼ t² (β_max − β_min) − ½ t β_min."""
+
+    _hparam_names = ("beta_min", "beta_max", "N")
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        super().__init__(N)
+        if not 0 < beta_min <= beta_max:
+            raise ValueError(f"need 0 < beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        """β(t) = β_min + t (β_max − β_min)."""
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def _clamp(self, t: Tensor) -> Tensor:
+        return _as_tensor(t).clamp(0.0, self.T)
+
+    def log_mean_coeff(self, t: Tensor) -> Tensor:
+        t = _as_tensor(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(_as_tensor(t))
+
+    def _one_minus_alpha_sq(self, t: Tensor) -> Tensor:
+        # 1 − α², accurate near t = 0 and clamped to t ≥ 0 where it would turn negative.
+        return -torch.expm1(2 * self.log_mean_coeff(self._clamp(t)))
+
+    def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        # Solve for u = −2 log α ≥ 0 from λ, then the quadratic ½Δβ t² + β_min t − u = 0.
+        u = self._log_alpha_sq_from_lambda(_as_tensor(lam))
+        d = self.beta_max - self.beta_min
+        return 2 * u / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * u))
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def _discrete_times(self) -> Tensor:
+        return torch.arange(self.N, dtype=torch.float64) / (self.N - 1) * self.T
+
+
+class VPSDE(_VPFamily):
+    """Variance-preserving SDE, the continuous limit of DDPM (MATH.md §2).
+
+    f = −½ β(t) x, g = √β(t), s(t)² = 1 − α(t)². Its N-step chain is DDPM's with
+    β_i = β(t_i)/N, t_i = i/(N−1)·T: for the defaults, linspace(1e-4, 0.02, 1000).
+    """
+
+    def marginal_var(self, t: Tensor) -> Tensor:
+        return self._one_minus_alpha_sq(t)
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        return self.beta(_as_tensor(t)).clamp_min(0.0)
+
+    def _log_alpha_sq_from_lambda(self, lam: Tensor) -> Tensor:
+        # λ = log α − ½ log(1 − α²) ⇒ α² = sigmoid(2λ) ⇒ −log α² = softplus(−2λ).
+        return torch.nn.functional.softplus(-2 * lam)
+
+    def discrete_betas(self) -> Tensor:
+        """DDPM's β_1..β_N (float64): β(t_i)/N at t_i = i/(N−1)·T."""
+        return self.beta(self._discrete_times()) / self.N
+
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        betas = self.discrete_betas()
+        return torch.sqrt(1 - betas), betas
+
+
+class subVPSDE(_VPFamily):
+    """Sub-VP SDE (MATH.md §2): VP's drift, g² = β(t)(1 − α(t)⁴), s(t) = 1 − α(t)².
+
+    Its variance s² lies below VP's at every t. Its chain is the Euler–Maruyama
+    discretisation x_{i+1} = x_i + f(t_i) x_i/N + √(g(t_i)²/N) z, as in the reference code.
+    """
+
+    def marginal_var(self, t: Tensor) -> Tensor:
+        return self._one_minus_alpha_sq(t) ** 2
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        # g² = β (1 − α⁴) = β (1 − exp(−2 β_min t − Δβ t²)), from d(s²)/dt = 2 f s² + g².
+        t = _as_tensor(t)
+        return self.beta(t).clamp_min(0.0) * -torch.expm1(4 * self.log_mean_coeff(self._clamp(t)))
+
+    def _log_alpha_sq_from_lambda(self, lam: Tensor) -> Tensor:
+        # λ = log α − log(1 − α²); with y = α > 0: e^λ (1 − y²) = y ⇒ y = 2/(e^−λ + √(e^−2λ + 4)).
+        alpha = 2 / (torch.exp(-lam) + torch.sqrt(torch.exp(-2 * lam) + 4))
+        return -2 * torch.log(alpha)
+
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        t = self._discrete_times()
+        return 1 + self.drift_coeff(t) / self.N, self.diffusion_sq(t) / self.N
+
+
+class VESDE(SDE):
+    """Variance-exploding SDE, the continuous limit of NCSN/SMLD (MATH.md §2).
+
+    σ(t) = σ_min (σ_max/σ_min)^t, f = 0, g = σ(t) √(2 ln(σ_max/σ_min)), α = 1, s = σ(t)
+    (data at t = 0 carry σ_min noise, the reference convention). Prior N(0, σ_max² I).
+    Its chain is NCSN's: σ_i = σ(t_i) geometric, x_i = x_{i−1} + √(σ_i² − σ_{i−1}²) z, σ_{−1} = 0.
+    """
+
+    default_eps = 1e-5
+    _hparam_names = ("sigma_min", "sigma_max", "N")
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
+        super().__init__(N)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """σ(t) = σ_min (σ_max/σ_min)^t."""
+        return self.sigma_min * torch.exp(_as_tensor(t) * self._log_ratio)
+
+    def log_mean_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def marginal_var(self, t: Tensor) -> Tensor:
+        return self.sigma(t) ** 2
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        return self.sigma(t) ** 2 * (2 * self._log_ratio)
+
+    def half_log_snr(self, t: Tensor) -> Tensor:
+        return -torch.log(self.sigma(t))
+
+    def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        return (-_as_tensor(lam) - math.log(self.sigma_min)) / self._log_ratio
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def discrete_sigmas(self) -> Tensor:
+        """NCSN's σ_1..σ_N (float64): geometric from σ_min to σ_max."""
+        return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N,
+                                        dtype=torch.float64))
+
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        var = self.discrete_sigmas() ** 2
+        v = torch.cat([var[:1], var[1:] - var[:-1]])
+        return torch.ones_like(v), v

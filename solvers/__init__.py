@@ -1,0 +1,15 @@
+"""Samplers and likelihoods: reverse-time SDE, predictor–corrector, probability-flow ODE.
+
+Public API::
+
+    solvers.sample(sde, score_fn, shape, solver="pf_ode", steps=None, eps=None, z=None, seed=None, **options)
+    solvers.log_likelihood(sde, score_fn, x, eps=1e-5, rtol=1e-5, atol=1e-5, divergence="exact", **options)
+    solvers.available()
+"""
+from solvers import ode, pc  # noqa: F401  (registers the solvers)
+from solvers.base import (NonFiniteError, SampleResult, SolverError, available, get_solver, register,
+                          sample)
+from solvers.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+
+__all__ = ["sample", "log_likelihood", "available", "get_solver", "register", "SampleResult",
+           "LikelihoodResult", "bits_per_dim", "SolverError", "NonFiniteError"]

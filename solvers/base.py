@@ -1,0 +1,255 @@
+"""The solver registry, the counted score wrapper, result types and :func:`sample`.
+
+A solver is a small class: its options are a dataclass (typed, documented where declared), it
+names the SDE classes it accepts, and it implements one method, ``run``. The registry key is
+the name used by ``solvers.sample(solver=...)``, by ``conf/solver/<name>.yaml`` and on the
+command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from sde_lib import SDE
+from solvers.noise import NoiseSource
+
+Tensor = torch.Tensor
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["Solver", "SOLVERS", "register", "available", "get_solver", "sample", "SampleResult",
+           "CountedScore", "SolverError", "NonFiniteError"]
+
+
+class SolverError(ValueError):
+    """Bad input to a solver: an unknown name or option, a wrong shape, an incompatible SDE."""
+
+
+class NonFiniteError(RuntimeError):
+    """The score function (or the state it drives) produced NaN or inf."""
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """What :func:`sample` returns.
+
+    Attributes:
+        samples: (B, ...) the generated data, on the device and in the dtype of the run.
+        nfe: score evaluations actually made (each batched call counts once).
+        seconds: wall-clock time of the solve.
+        solver: registry name of the solver used.
+        seed: the seed of the noise (the prior draw and every stochastic step).
+        z: (B, ...) the prior noise the run started from.
+    """
+
+    samples: Tensor
+    nfe: int
+    seconds: float
+    solver: str
+    seed: int
+    z: Tensor
+
+
+class CountedScore:
+    """Wraps a ``score_fn(x, t)`` to count its evaluations and check what it returns.
+
+    t may be passed as a scalar tensor; it is expanded to shape (B,). The first call checks the
+    output fully (tensor, shape, finite) so that a broken model fails before any solving;
+    later calls check the shape, which costs nothing on any device.
+    """
+
+    def __init__(self, score_fn: ScoreFn):
+        if not callable(score_fn):
+            raise SolverError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}.")
+        self.score_fn = score_fn
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        out = self.score_fn(x, t)
+        if not torch.is_tensor(out) or out.shape != x.shape:
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise SolverError(f"score_fn returned {got} for input of shape {tuple(x.shape)}; "
+                              "it must return a tensor of the input's shape.")
+        if self.nfe == 0 and not torch.isfinite(out).all():
+            raise NonFiniteError(f"score_fn returned NaN or inf at its first call (t = {t[0].item():.4g}); "
+                                 "check the model and its weights.")
+        self.nfe += 1
+        return out
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Raise a clear error if x holds NaN or inf (one host sync, at the end of a solve)."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{what} contains NaN or inf: the score function returned non-finite values "
+                             "or the solve diverged; check the model, or use smaller steps / tighter tolerances.")
+
+
+class Solver:
+    """Base class of every sampler. Subclasses set ``name``, ``Options`` and ``run``.
+
+    ``sde_types`` lists the SDE classes a solver accepts (None: all); a mismatch is refused
+    before the first score evaluation with a message that names what works.
+    """
+
+    name: ClassVar[str]
+    sde_types: ClassVar[tuple[type, ...] | None] = None
+    #: whether ``run`` draws noise after the prior draw
+    stochastic: ClassVar[bool] = True
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, **options: Any):
+        self.options = _build_options(self.Options, options, self.name)
+
+    @classmethod
+    def check_sde(cls, sde: SDE) -> None:
+        if not isinstance(sde, SDE):
+            raise SolverError(f"sde must be an sde_lib.SDE (VPSDE, subVPSDE, VESDE), got {type(sde).__name__}.")
+        if cls.sde_types is not None and not isinstance(sde, cls.sde_types):
+            names = ", ".join(t.__name__ for t in cls.sde_types)
+            works = [n for n, s in SOLVERS.items() if s.sde_types is None or isinstance(sde, s.sde_types)]
+            raise SolverError(f"solver '{cls.name}' does not support {type(sde).__name__} (it supports {names}); "
+                              f"solvers that do: {', '.join(works)}.")
+
+    def default_steps(self, sde: SDE) -> int | None:
+        return sde.N
+
+    def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
+            noise: NoiseSource) -> Tensor:
+        raise NotImplementedError
+
+
+SOLVERS: dict[str, type[Solver]] = {}
+
+
+def register(cls: type[Solver]) -> type[Solver]:
+    """Class decorator adding a solver to the registry under ``cls.name``."""
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """The registered solver names (the keys shared with ``conf/solver/*.yaml``)."""
+    return sorted(SOLVERS)
+
+
+def get_solver(name: str) -> type[Solver]:
+    """The solver class registered under ``name``, or a SolverError listing the valid names."""
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise SolverError(f"unknown solver {name!r}; available: {', '.join(available())}.") from None
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _build_options(options_cls, given: dict, owner: str):
+    hints = typing.get_type_hints(options_cls)
+    fields = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"for {owner}; valid options: {valid}.")
+    for key, value in given.items():
+        if not _type_ok(value, hints[key]):
+            raise SolverError(f"option {key!r} of {owner} must be {_describe(hints[key])}, got {value!r}.")
+    opts = options_cls(**given)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    return opts
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _check_steps(steps: Any) -> None:
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise SolverError(f"steps must be a positive integer or None, got {steps!r}.")
+
+
+def resolve_eps(sde: SDE, eps: float | None) -> float:
+    """The stopping time: the SDE's usual default (1e-3 VP/sub-VP, 1e-5 VE) when eps is None."""
+    eps = sde.default_eps if eps is None else eps
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < sde.T:
+        raise SolverError(f"eps must be a number in (0, T={sde.T}), got {eps!r}.")
+    return float(eps)
+
+
+def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", steps: int | None = None,
+           eps: float | None = None, z: Tensor | None = None, seed: int | None = None,
+           device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+           index_offset: int = 0, **options: Any) -> SampleResult:
+    """Draw samples by running ``solver`` from the prior at t = T down to t = eps.
+
+    Args:
+        sde: the forward SDE (``sde_lib.VPSDE``, ``subVPSDE`` or ``VESDE``).
+        score_fn: ``score_fn(x, t)`` with x (B, ...) and t (B,), returning the score, shape of x.
+        shape: (B, ...) of the batch to draw; may be omitted when z is given.
+        solver: a name from :func:`available`.
+        steps: the number of steps (default: ``sde.N`` for the discrete samplers, the fixed-grid
+            ODE methods' own default; adaptive ODE methods take rtol/atol instead).
+        eps: the final time (None: 1e-3 for VP and sub-VP, 1e-5 for VE).
+        z: the starting prior noise (B, ...); drawn from the seed when None.
+        seed: seed of all noise; the same seed gives the same samples, and sample b's noise
+            depends only on (seed, index_offset + b). None draws one from torch's global RNG.
+        device, dtype: where and in what precision to sample (default: z's, else CPU float32).
+        index_offset: global index of the first sample, for splitting one run across processes.
+        **options: the solver's options (``solvers.get_solver(name).Options`` lists them).
+
+    Returns:
+        :class:`SampleResult` with ``.samples`` and ``.nfe`` (score evaluations counted).
+    """
+    cls = get_solver(solver)
+    instance = cls(**options)
+    cls.check_sde(sde)
+    _check_steps(steps)
+    eps = resolve_eps(sde, eps)
+    if z is not None:
+        if not torch.is_tensor(z):
+            raise SolverError(f"z must be a torch.Tensor, got {type(z).__name__}.")
+        if shape is not None and tuple(z.shape) != tuple(shape):
+            raise SolverError(f"z has shape {tuple(z.shape)} but shape={tuple(shape)} was asked for.")
+        shape, device, dtype = tuple(z.shape), z.device, z.dtype
+    if shape is None:
+        raise SolverError("give the batch shape (B, ...) as shape=, or the prior noise as z=.")
+    shape = tuple(shape)
+    if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
+        raise SolverError(f"shape must be (B, ...) with positive integer sizes, e.g. (1000, 2); got {shape}.")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    noise = NoiseSource(seed, index_offset)
+    if z is None:
+        z = sde.prior_std * noise.normal(shape, dtype=dtype, device=device)
+    else:
+        noise.draws += 1  # draw 0 is the prior's: later draws keep their numbers whether or not z is given
+    score = CountedScore(score_fn)
+    start = time.perf_counter()
+    x = instance.run(sde, score, z, eps, steps, noise)
+    check_finite(x, f"the samples of solver '{solver}'")
+    return SampleResult(samples=x, nfe=score.nfe, seconds=time.perf_counter() - start, solver=solver,
+                        seed=seed, z=z)
