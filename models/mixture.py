@@ -34,7 +34,8 @@ class GaussianMixture:
             raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}.")
         K, D = means.shape
         weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
+        if weights.shape != (K,) or not (torch.isfinite(weights).all() and (weights >= 0).all()
+                                         and weights.sum() > 0):
             raise ValueError(f"weights must be {K} non-negative numbers with a positive sum.")
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.shape == (K,):
@@ -46,7 +47,11 @@ class GaussianMixture:
         else:
             raise ValueError(f"covs must have shape (K,), (K, D) or (K, D, D) with K={K}, D={D}; "
                              f"got {tuple(covs.shape)}.")
-        if (eigvals <= 0).any():
+        if covs.dim() == 3 and not torch.allclose(covs, covs.transpose(1, 2), rtol=1e-10, atol=1e-12):
+            raise ValueError("every mixture covariance must be symmetric.")
+        if not (torch.isfinite(means).all() and torch.isfinite(covs).all()):
+            raise ValueError("mixture means and covariances must be finite.")
+        if not (eigvals > 0).all():
             raise ValueError("every mixture covariance must be positive definite.")
         self.weights = weights / weights.sum()
         self.means = means

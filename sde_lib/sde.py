@@ -77,7 +77,7 @@ class SDE(abc.ABC):
     # ---- the reference interface ---------------------------------------------------------
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Drift f(x, t) (shape of x) and diffusion g(t) (shape (B,)) of the forward SDE."""
-        return batch_broadcast(self.drift_coeff(t).to(x.dtype), x) * x, self.diffusion_sq(t).sqrt()
+        return batch_broadcast(self.drift_coeff(t).to(x.dtype), x) * x, self.diffusion_sq(t).sqrt().to(x.dtype)
 
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean α(t) x (shape of x) and std s(t) (shape (B,)) of x_t given x_0 = x."""
@@ -89,7 +89,8 @@ class SDE(abc.ABC):
         return self.marginal_var(t).sqrt()
 
     def half_log_snr(self, t: Tensor) -> Tensor:
-        """λ(t) = log(α(t)/s(t)), decreasing in t; the natural variable of exponential integrators."""
+        """λ(t) = log(α(t)/s(t)), decreasing in t (+inf at t = 0 where s = 0); t is clamped to [0, T]."""
+        t = _as_tensor(t).clamp(0.0, self.T)
         return self.log_mean_coeff(t) - 0.5 * self.marginal_var(t).log()
 
     @abc.abstractmethod
@@ -126,6 +127,10 @@ class SDE(abc.ABC):
         cache = self.__dict__.setdefault("_chain_cache", {})
         if key not in cache:
             a, v = self.discrete_chain()
+            if not bool((a > 0).all() and (v >= 0).all()):
+                raise ValueError(f"{self!r} has no valid {self.N}-step chain (a mean coefficient a_i <= 0, as when "
+                                 f"β_max/N >= 1 for VP): use more steps, or a continuous-time solver "
+                                 f"(euler_maruyama, pf_ode).")
             m = torch.empty_like(v)
             prev = 0.0
             for i in range(len(v)):
@@ -194,7 +199,10 @@ class ReverseSDE:
         return drift, torch.zeros_like(g) if self.probability_flow else g
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Reverse of one forward chain step: (−f + G² s_θ (× ½ for the PF-ODE), G or 0)."""
+        """One chain step of the reverse process: (rev_f, rev_G) = (f − G² s_θ (× ½ for the PF-ODE), G or 0).
+
+        A reverse step from x_{i+1} to x_i is x_i = x_{i+1} − rev_f + rev_G z.
+        """
         f, G = self.forward.discretize(x, t)
         score = self.score_fn(x, t)
         weight = 0.5 if self.probability_flow else 1.0
@@ -226,7 +234,7 @@ class _VPFamily(SDE):
         return _as_tensor(t).clamp(0.0, self.T)
 
     def log_mean_coeff(self, t: Tensor) -> Tensor:
-        t = _as_tensor(t)
+        t = self._clamp(t)  # with s² on the same clamped t, α² + s² = 1 (VP) holds for any t
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def drift_coeff(self, t: Tensor) -> Tensor:
@@ -234,7 +242,7 @@ class _VPFamily(SDE):
 
     def _one_minus_alpha_sq(self, t: Tensor) -> Tensor:
         # 1 − α², accurate near t = 0 and clamped to t ≥ 0 where it would turn negative.
-        return -torch.expm1(2 * self.log_mean_coeff(self._clamp(t)))
+        return -torch.expm1(2 * self.log_mean_coeff(t))
 
     def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
         # Solve for u = −2 log α ≥ 0 from λ, then the quadratic ½Δβ t² + β_min t − u = 0.
@@ -289,7 +297,7 @@ class subVPSDE(_VPFamily):
     def diffusion_sq(self, t: Tensor) -> Tensor:
         # g² = β (1 − α⁴) = β (1 − exp(−2 β_min t − Δβ t²)), from d(s²)/dt = 2 f s² + g².
         t = _as_tensor(t)
-        return self.beta(t).clamp_min(0.0) * -torch.expm1(4 * self.log_mean_coeff(self._clamp(t)))
+        return self.beta(t).clamp_min(0.0) * -torch.expm1(4 * self.log_mean_coeff(t))
 
     def _log_alpha_sq_from_lambda(self, lam: Tensor) -> Tensor:
         # λ = log α − log(1 − α²); with y = α > 0: e^λ (1 − y²) = y ⇒ y = 2/(e^−λ + √(e^−2λ + 4)).
@@ -299,6 +307,11 @@ class subVPSDE(_VPFamily):
     def discrete_chain(self) -> tuple[Tensor, Tensor]:
         t = self._discrete_times()
         return 1 + self.drift_coeff(t) / self.N, self.diffusion_sq(t) / self.N
+
+    def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Euler–Maruyama at the continuous t: f = f(t) x/N, G = g(t)/√N (the chain's step off the grid)."""
+        drift, g = self.sde(x, t)
+        return drift / self.N, g / math.sqrt(self.N)
 
 
 class VESDE(SDE):
@@ -337,7 +350,7 @@ class VESDE(SDE):
         return self.sigma(t) ** 2 * (2 * self._log_ratio)
 
     def half_log_snr(self, t: Tensor) -> Tensor:
-        return -torch.log(self.sigma(t))
+        return -torch.log(self.sigma(_as_tensor(t).clamp(0.0, self.T)))
 
     def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
         return (-_as_tensor(lam) - math.log(self.sigma_min)) / self._log_ratio

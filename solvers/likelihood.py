@@ -59,6 +59,9 @@ class _LikelihoodOptions:
     levels: int | None = None       # number of levels K per dimension of discrete data, for the bpd offset
     data_range: tuple | list | None = None   # (low, high) the levels are scaled to; default (0, 1)
     chunk: int | None = None        # exact divergence: basis vectors per vmap call (None: all D at once)
+    # Adaptive error control: the worst sample's RMS, so that rtol/atol hold for every sample
+    # ("batch": torchdiffeq's batch RMS, fewer NFE, but an outlier's error is averaged away).
+    error_norm: Literal["sample", "batch"] = "sample"
 
     def validate(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -126,7 +129,7 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
         rtol, atol: tolerances of adaptive methods.
         divergence: "exact" (D VJPs; right for small D) or "hutchinson" (``probes`` VJPs).
         **options: method, steps, probes, probe ("rademacher" | "gaussian"), seed, levels,
-            data_range, chunk.
+            data_range, chunk, error_norm ("sample": rtol/atol hold for every sample; "batch").
 
     Returns:
         :class:`LikelihoodResult`: ``.logp`` in nats per sample, ``.bpd``, ``.z``, ``.nfe``.
@@ -164,7 +167,8 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
 
     start = time.perf_counter()
     delta0 = x.new_zeros(n_est, x.shape[0])
-    z, delta = odeint_between(state_derivative, (x, delta0), eps, sde.T, opts.method, rtol, atol, opts.steps)
+    z, delta = odeint_between(state_derivative, (x, delta0), eps, sde.T, opts.method, rtol, atol, opts.steps,
+                              opts.error_norm)
     logp_probes = sde.prior_logp(z)[None] + delta
     check_finite(logp_probes, "the log-likelihood")
     logp = logp_probes.mean(0)

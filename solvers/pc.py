@@ -152,6 +152,11 @@ class _ReverseTime(Solver):
             raise SolverError(f"solver '{self.name}' needs steps >= 2, got {n}.")
         chain_sde = sde if n == sde.N else sde.with_steps(n)
         ts = torch.linspace(sde.T, eps, n, dtype=x.dtype, device=x.device)
+        if predictor is not euler_maruyama_predictor or corrector is not no_corrector:
+            try:  # the chain's coefficients, checked before the first score evaluation
+                chain_sde.chain_coeffs(ts[:1], x)
+            except ValueError as err:
+                raise SolverError(f"solver '{self.name}' with steps={n}: {err}") from None
         t_next = torch.cat([ts[1:], ts.new_zeros(1)])
         ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         x_mean = x

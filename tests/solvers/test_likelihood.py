@@ -1,0 +1,120 @@
+"""The ODE likelihood returns the exact log-density of mixture points (MATH.md §6, §8).
+
+``log_likelihood`` uses the prior N(0, prior_std² I) in place of the true p_T, which differs from
+it slightly (VP: α(1) ≈ 6.6e-3 ≠ 0). The integrator is responsible for everything else, so the
+expected value is log p_eps(x) − log p_T(z) + prior_logp(z), with z the returned latent.
+"""
+import math
+
+import pytest
+import torch
+
+import solvers
+from models import MixtureScore, random_mixture, ring_mixture
+from sde_lib import VESDE, VPSDE, subVPSDE
+
+SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+PROBLEMS = {"ring2d": ring_mixture, "mix16d": random_mixture}
+EPS = 1e-5
+
+
+def data(problem, n, seed=0):
+    mix = PROBLEMS[problem]()
+    x, _ = mix.sample(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return mix, x
+
+
+def expected_logp(sde, score, x, z):
+    n = len(x)
+    return (score.log_prob(x, torch.full((n,), EPS, dtype=x.dtype)) - score.log_prob(z, torch.full((n,), sde.T, dtype=x.dtype))
+            + sde.prior_logp(z))
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("sde_name", SDES)
+def test_exact_divergence_matches_closed_form(sde_name, problem):
+    sde = SDES[sde_name]()
+    mix, x = data(problem, 100)
+    score = MixtureScore(sde, mix)
+    r = solvers.log_likelihood(sde, score, x, eps=EPS, rtol=1e-8, atol=1e-8)
+    err = (r.logp - expected_logp(sde, score, x, r.z)).abs()
+    assert err.max().item() < 1e-3
+    assert r.logp.shape == (100,) and r.z.shape == x.shape and r.nfe > 0
+    # The prior's mismatch at T is the only other difference from the true log p_eps(x).
+    true = score.log_prob(x, torch.full((100,), EPS, dtype=x.dtype))
+    mismatch = (score.log_prob(r.z, torch.full((100,), 1.0, dtype=x.dtype)) - sde.prior_logp(r.z)).abs().max()
+    assert (r.logp - true).abs().max().item() < 1e-3 + mismatch.item()
+
+
+def test_default_tolerances_float32_within_1e3_nats():
+    """The issue's target: within 1e-3 nats per sample at the default rtol = atol = 1e-5."""
+    sde = VPSDE()
+    mix, x = data("ring2d", 500)
+    score = MixtureScore(sde, mix)
+    r = solvers.log_likelihood(sde, score, x.float())
+    err = (r.logp.double() - expected_logp(sde, score, x, r.z.double())).abs()
+    assert err.max().item() < 1e-3
+    assert r.logp.dtype == torch.float32
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_hutchinson_is_unbiased_within_its_reported_error(sde_name):
+    sde = SDES[sde_name]()
+    mix, x = data("mix16d", 200)
+    score = MixtureScore(sde, mix)
+    exact = solvers.log_likelihood(sde, score, x, rtol=1e-7, atol=1e-7)
+    for probe in ("rademacher", "gaussian"):
+        h = solvers.log_likelihood(sde, score, x, rtol=1e-7, atol=1e-7, divergence="hutchinson", probes=16,
+                                   probe=probe, seed=1)
+        zscore = (h.logp - exact.logp) / h.logp_stderr
+        # Unbiased: the z-scores centre on 0 (mean within 4 standard errors of the mean) ...
+        assert abs(zscore.mean().item()) < 4 / math.sqrt(len(x))
+        # ... and the reported error is the real one: their spread is 1 (t-distributed, 15 dof).
+        assert 0.8 < zscore.std().item() < 1.35
+        assert h.logp_probes.shape == (16, 200)
+
+
+def test_hutchinson_same_seed_same_estimate():
+    sde = VPSDE()
+    mix, x = data("ring2d", 50)
+    score = MixtureScore(sde, mix)
+    a = solvers.log_likelihood(sde, score, x, divergence="hutchinson", probes=2, seed=7)
+    b = solvers.log_likelihood(sde, score, x, divergence="hutchinson", probes=2, seed=7)
+    torch.testing.assert_close(a.logp, b.logp, rtol=0, atol=0)
+
+
+def test_fixed_grid_likelihood_has_known_nfe():
+    sde = VPSDE()
+    mix, x = data("ring2d", 50)
+    score = MixtureScore(sde, mix)
+    r = solvers.log_likelihood(sde, score, x, method="rk4", steps=200)
+    assert r.nfe == 4 * 200
+    assert (r.logp - expected_logp(sde, score, x, r.z)).abs().max().item() < 1e-3
+
+
+def test_exact_divergence_chunked_equals_unchunked():
+    sde = VESDE()
+    mix, x = data("mix16d", 20)
+    score = MixtureScore(sde, mix)
+    a = solvers.log_likelihood(sde, score, x, method="rk4", steps=20)
+    b = solvers.log_likelihood(sde, score, x, method="rk4", steps=20, chunk=5)
+    torch.testing.assert_close(a.logp, b.logp)
+
+
+def test_bits_per_dim_offset_from_levels_and_range():
+    logp = torch.tensor([-10.0])
+    base = 10.0 / (3 * math.log(2))
+    assert solvers.bits_per_dim(logp, 3).item() == pytest.approx(base)
+    assert solvers.bits_per_dim(logp, 3, levels=256).item() == pytest.approx(base + 8)
+    assert solvers.bits_per_dim(logp, 3, levels=256, data_range=(-1, 1)).item() == pytest.approx(base + 7)
+    assert solvers.bits_per_dim(logp, 3, levels=17, data_range=(0, 1)).item() == pytest.approx(base + math.log2(17))
+
+
+def test_log_likelihood_bpd_uses_levels_and_range():
+    """log_likelihood's bpd is −log p/(D ln 2) plus the offset log₂(K/w) of the given levels and range."""
+    sde = VPSDE()
+    mix = PROBLEMS["ring2d"]()
+    x, _ = mix.sample(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    score = MixtureScore(sde, mix)
+    r = solvers.log_likelihood(sde, score, x, levels=256, data_range=(-8, 8))
+    torch.testing.assert_close(r.bpd, -r.logp / (2 * math.log(2)) + math.log2(256 / 16))
