@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import typing
 from typing import Any, Callable, ClassVar
 
@@ -151,7 +152,7 @@ def get_solver(name: str) -> type[Solver]:
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin is typing.Union or origin is types.UnionType:
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
@@ -246,7 +247,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
     if z is None:
         z = sde.prior_std * noise.normal(shape, dtype=dtype, device=device)
     else:
-        noise.draws += 1  # draw 0 is the prior's: later draws keep their numbers whether or not z is given
+        noise.skip()  # draw 0 is the prior's: later draws keep their numbers whether or not z is given
     score = CountedScore(score_fn)
     start = time.perf_counter()
     x = instance.run(sde, score, z, eps, steps, noise)

@@ -53,6 +53,10 @@ class NoiseSource:
         self.draws = 0
         self._seed_key = _hash_int(_hash_int(seed & _M32) ^ (seed >> 32))
 
+    def skip(self) -> None:
+        """Advance past one draw without computing it."""
+        self.draws += 1
+
     def normal(self, shape, dtype=torch.float32, device=None) -> Tensor:
         """The next draw: a tensor of the given shape (B, ...) of independent N(0, 1) numbers."""
         shape = tuple(shape)
