@@ -1,0 +1,70 @@
+"""The registry of data sets and :func:`load_dataset`, the one way to get a :class:`Dataset`."""
+from __future__ import annotations
+
+from typing import Callable
+
+from data_lib import stored, toy
+from data_lib.dataset import DataError, Dataset, _is_int, build_options
+
+__all__ = ["load_dataset", "AVAILABLE"]
+
+# name -> (options dataclass with the defaults, loader(options, n_train, n_test, seed)).
+_LOADERS: dict[str, tuple[type, Callable[..., Dataset]]] = {
+    "ring": (toy._RingOptions, toy._load_ring),
+    "mix16d": (toy._Mix16dOptions, toy._load_mix16d),
+    "swiss_roll": (toy._SwissRollOptions, toy._load_swiss_roll),
+    "moons": (toy._MoonsOptions, toy._load_moons),
+    "checkerboard": (toy._CheckerboardOptions, toy._load_checkerboard),
+    "digits": (stored._DigitsOptions, stored._load_digits),
+    "array": (stored._ArrayOptions, stored._load_array),
+}
+
+AVAILABLE: tuple[str, ...] = tuple(_LOADERS)
+
+
+def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: int = 0,
+                 **options) -> Dataset:
+    """Load data set ``name`` with its train/test split; the same seed gives the same tensors.
+
+    Data sets and their options (defaults in brackets):
+
+    - ``"ring"``: ``models.ring_mixture``, 2-D, ``mixture`` set (exact density).
+    - ``"mix16d"``: ``models.random_mixture`` (16-D, 5 full-covariance Gaussians), ``mixture`` set.
+      n_modes [8], radius [4.0], std [0.3].
+    - ``"swiss_roll"``: t·(cos t, sin t)/5 + noise, t ~ U[1.5π, 4.5π]; std ≈ 1.3 per coordinate.
+      noise [0.2].
+    - ``"moons"``: two half circles of radius 2 (sklearn's moons, centred, ×2); std ≈ (1.7, 1.0).
+      noise [0.1].
+    - ``"checkerboard"``: uniform on the alternating 2×2 squares of a 4×4 board over [−4, 4]². No options.
+    - ``"digits"``: scikit-learn's 1797 8×8 digits as (N, 1, 8, 8), grey level v ∈ {0..16} scaled
+      to lo + v/16·(hi − lo); levels = 17. data_range [(0.0, 1.0)], test_fraction [0.2].
+    - ``"array"``: the user's .npy file or .npz archive of shape (N, ...).
+      path [required], key [None: the only array of a .npz], levels [None],
+      data_range [None; (0.0, 1.0) when levels is given], test_fraction [0.1].
+
+    Generated sets (ring, swiss_roll, moons, checkerboard) draw ``n_train`` and ``n_test`` samples
+    from two independent streams of the seed, so the test set does not depend on n_train. Finite
+    sets (digits, array) ignore ``n_train``/``n_test``: the whole set is split by a seeded
+    permutation, round(test_fraction·N) rows to test.
+
+    Args:
+        name: one of :data:`AVAILABLE`.
+        n_train, n_test: positive sample counts for the generated sets.
+        seed: non-negative int.
+        **options: the data set's options above.
+
+    Returns:
+        :class:`Dataset` with float32 ``train`` (N_train, *event_shape) and ``test`` (N_test, *event_shape).
+
+    Raises:
+        DataError: unknown name or option, bad counts or seed, bad file or array.
+    """
+    if name not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(AVAILABLE)}.")
+    for arg, value in (("n_train", n_train), ("n_test", n_test)):
+        if not _is_int(value) or value < 1:
+            raise DataError(f"{arg} must be a positive integer, got {value!r}.")
+    if not _is_int(seed) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
+    options_cls, load = _LOADERS[name]
+    return load(build_options(options_cls, options, name), int(n_train), int(n_test), int(seed))
