@@ -1,0 +1,139 @@
+"""Checkpoints: one file format, written atomically, read strictly.
+
+A checkpoint is a dict saved with ``torch.save`` and read with ``weights_only=True`` (tensors,
+numbers, strings, lists and dicts only; nothing is unpickled that could run code):
+
+- ``format``: the format tag below;
+- ``model_spec``: what rebuilds the model without any config system: the SDE class and
+  hyperparameters, the network kind, event shape and arguments, the parameterisation, σ_data;
+- ``model``, ``ema``: state dicts of the training and the averaged weights;
+- ``optimizer``, ``step``, ``rng``: what resuming needs;
+- ``config``: the resolved run config, for the record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sde_lib
+
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "build_from_spec",
+           "load_checkpoint", "LoadedModel"]
+
+FORMAT = "scoreflow-checkpoint-v1"
+_REQUIRED = ("format", "model_spec", "model", "ema", "step", "config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, of another format or that does not fit its model."""
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash at any moment leaves either the previous file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 minus the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint; a CheckpointError says what is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; give the path of a .pt file written by "
+                              "`python run.py task=train` (its run directory holds checkpoints/last.pt).")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated or not written by "
+                              f"this project: {type(err).__name__}); use another checkpoint or retrain.") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (found {found!r}); "
+                              "use a checkpoint written by `python run.py task=train`.")
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete: use another checkpoint.")
+    return state
+
+
+def build_from_spec(spec: dict[str, Any]):
+    """(sde, score model) rebuilt from a checkpoint's ``model_spec``, with freshly initialised weights."""
+    from models.networks import ScoreModel, build_network
+
+    sde_spec = dict(spec["sde"])
+    cls_name = sde_spec.pop("class")
+    sde_cls = getattr(sde_lib, cls_name, None)
+    if not (isinstance(sde_cls, type) and issubclass(sde_cls, sde_lib.SDE)):
+        raise CheckpointError(f"checkpoint names an unknown SDE class {cls_name!r}.")
+    sde = sde_cls(**sde_spec)
+    net_spec = dict(spec["net"])
+    net = build_network(net_spec.pop("kind"), tuple(net_spec.pop("event_shape")), **net_spec)
+    model = ScoreModel(net, sde, parameterization=spec["parameterization"], sigma_data=spec["sigma_data"],
+                       time_input=spec["time_input"])
+    return sde, model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A trained model ready for ``solvers.sample`` and ``solvers.log_likelihood``.
+
+    Attributes:
+        sde: the forward SDE it was trained with.
+        score_fn: the score model with the EMA weights, in eval mode: ``score_fn(x, t)``.
+        config: the resolved config of the training run (a plain dict).
+        step: the training step the checkpoint was written at.
+        event_shape: the shape of one sample.
+        data: what the likelihood needs about the data (levels, data_range), from training.
+    """
+
+    sde: sde_lib.SDE
+    score_fn: torch.nn.Module
+    config: dict
+    step: int
+    event_shape: tuple
+    data: dict
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a training checkpoint: its SDE and its EMA score model (eval mode, no grad needed).
+
+    Raises CheckpointError for a missing, corrupt or foreign file, or weights that do not fit the
+    model the checkpoint describes (strict loading).
+    """
+    state = read_checkpoint(path, map_location=device)
+    sde, model = build_from_spec(state["model_spec"])
+    try:
+        model.load_state_dict(state["ema"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the EMA weights in {path} do not fit the model its spec describes "
+                              f"({str(err).splitlines()[0]}); the file is inconsistent: use another checkpoint.") from None
+    model.to(device).eval().requires_grad_(False)
+    spec = state["model_spec"]
+    return LoadedModel(sde=sde, score_fn=model, config=state["config"], step=int(state["step"]),
+                       event_shape=tuple(spec["net"]["event_shape"]), data=dict(spec.get("data", {})))

@@ -1,0 +1,509 @@
+"""Score networks and the wrapper that turns any network output into ``score_fn(x, t)``.
+
+Networks (``MLPScoreNet`` for flat low-dimensional data, ``UNet`` for small images) map
+``(x, t)`` with t ∈ [0, 1] of shape (B,) to a tensor of the shape of x. What that output *means*
+(ε, the score, or x̂₀; MATH.md §5) is decided in exactly one place, ``ScoreModel``, which also
+preconditions the network input. Both networks zero-initialise their last layer, so an untrained
+network outputs 0 (an "eps" ``ScoreModel`` then returns the zero score).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sde_lib import SDE, batch_broadcast
+
+Tensor = torch.Tensor
+
+__all__ = ["GaussianFourierEmbedding", "SinusoidalEmbedding", "MLPScoreNet", "UNet", "ScoreModel",
+           "build_network", "PARAMETERIZATIONS", "EMBEDDINGS", "NETWORKS"]
+
+
+# ---- time embeddings ----------------------------------------------------------------------------
+
+def _check_time(t: Tensor) -> Tensor:
+    if t.dim() != 1:
+        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}.")
+    return t
+
+
+def _check_embed_dim(dim: int) -> None:
+    if int(dim) != dim or dim < 2 or dim % 2:
+        raise ValueError(f"embedding dim must be an even integer >= 2, got {dim!r}.")
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Random Fourier features of t: [sin(2π W t), cos(2π W t)] with fixed W ~ N(0, scale²).
+
+    Song et al. (2021) embed the noise level this way (Tancik et al. 2020 features). W has dim/2
+    entries drawn once from torch's global RNG at construction and stored as a buffer (so it is
+    saved in checkpoints and is never trained). The input is t itself (B,) in [0, 1]; with the
+    default scale 16 the fastest features turn over several times per 0.1 of t.
+
+    Args:
+        dim: output size, even.
+        scale: standard deviation of the frequencies W.
+    Shapes: t (B,) → (B, dim).
+    """
+
+    def __init__(self, dim: int, scale: float = 16.0):
+        super().__init__()
+        _check_embed_dim(dim)
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}.")
+        self.dim = int(dim)
+        self.register_buffer("W", torch.randn(self.dim // 2) * scale)
+
+    def forward(self, t: Tensor) -> Tensor:
+        proj = 2 * math.pi * _check_time(t)[:, None].to(self.W.dtype) * self.W
+        return torch.cat([proj.sin(), proj.cos()], dim=1)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer positional encoding of ``time_scale``·t (DDPM's embedding of the step index).
+
+    Frequencies are max_period^(−k/(dim/2)), k = 0..dim/2−1; the output is [sin, cos] of
+    time_scale·t times each frequency. time_scale = 1000 makes t ∈ [0, 1] play the role of
+    DDPM's index i ∈ [0, 1000).
+
+    Shapes: t (B,) → (B, dim).
+    """
+
+    def __init__(self, dim: int, time_scale: float = 1000.0, max_period: float = 10_000.0):
+        super().__init__()
+        _check_embed_dim(dim)
+        self.dim = int(dim)
+        half = self.dim // 2
+        self.time_scale = float(time_scale)
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half),
+                             persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        arg = self.time_scale * _check_time(t)[:, None].to(self.freqs.dtype) * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+#: Time-embedding name → class (the ``embedding=`` argument of the networks).
+EMBEDDINGS: dict[str, type[nn.Module]] = {"fourier": GaussianFourierEmbedding,
+                                          "sinusoidal": SinusoidalEmbedding}
+
+
+def _make_embedding(name: str, dim: int) -> nn.Module:
+    if name not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding {name!r}; available: {', '.join(EMBEDDINGS)}.")
+    return EMBEDDINGS[name](dim)
+
+
+def _time_mlp(embedding: str, embed_dim: int, out_dim: int) -> nn.Sequential:
+    """Embedding of t followed by Linear–SiLU–Linear: the shared conditioning vector (B, out_dim)."""
+    return nn.Sequential(_make_embedding(embedding, embed_dim), nn.Linear(embed_dim, out_dim), nn.SiLU(),
+                         nn.Linear(out_dim, out_dim))
+
+
+def _zero_(layer: nn.Module) -> nn.Module:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+# ---- MLP for low-dimensional data -------------------------------------------------------------
+
+class _MLPBlock(nn.Module):
+    """Pre-norm residual block h + W₂ SiLU(W₁ LN(h) + E SiLU(temb))."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.temb_proj = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: Tensor, temb: Tensor) -> Tensor:
+        return h + self.fc2(F.silu(self.fc1(self.norm(h)) + self.temb_proj(F.silu(temb))))
+
+
+class MLPScoreNet(nn.Module):
+    """A time-conditioned residual MLP for flat data: (x (B, dim), t (B,)) → (B, dim).
+
+    x is lifted to ``hidden`` units, passed through ``depth`` pre-norm residual blocks, each of
+    which adds its own projection of the time embedding inside the block, and read out by a
+    LayerNorm–SiLU–Linear head whose Linear is zero-initialised (untrained output: 0).
+    Any x of shape (B, ...) with ``dim`` values per sample is accepted and the output has the
+    shape of x.
+
+    Args:
+        dim: number of values per sample.
+        hidden: width of the residual stream.
+        depth: number of residual blocks.
+        embed_dim: size of the time embedding before its MLP (even).
+        embedding: "fourier" (``GaussianFourierEmbedding``) or "sinusoidal".
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, embed_dim: int = 64,
+                 embedding: str = "fourier"):
+        super().__init__()
+        self.dim = _positive_int("dim", dim)
+        hidden = _positive_int("hidden", hidden)
+        depth = _positive_int("depth", depth, minimum=0)
+        self.time_embed = _time_mlp(embedding, embed_dim, hidden)
+        self.input = nn.Linear(self.dim, hidden)
+        self.blocks = nn.ModuleList(_MLPBlock(hidden) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(hidden)
+        self.output = _zero_(nn.Linear(hidden, self.dim))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.dim() < 2 or x[0].numel() != self.dim:
+            raise ValueError(f"MLPScoreNet(dim={self.dim}) takes x of shape (B, ...) with {self.dim} values "
+                             f"per sample, got {tuple(x.shape)}.")
+        temb = self.time_embed(t)
+        h = self.input(x.flatten(1))
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.output(F.silu(self.out_norm(h))).reshape(x.shape)
+
+
+# ---- U-Net for small images ---------------------------------------------------------------------
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count ≤ ``groups`` that divides ``channels``."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return nn.GroupNorm(g, channels, eps=1e-6)
+
+
+class _ResBlock(nn.Module):
+    """GN–SiLU–conv3×3, + time projection, GN–SiLU–dropout–conv3×3; skip added and rescaled by 1/√2."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = _group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # DDPM++'s skip_rescale: keeps the residual stream's variance from growing block by block.
+        return (self.skip(x) + h) / math.sqrt(2.0)
+
+
+class _AttnBlock(nn.Module):
+    """Single-head self-attention over the H·W positions: GN, qkv 1×1 conv, softmax, 1×1 out conv."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)                     # (B, 1, HW, C), softmax over keys
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return (x + self.proj(h)) / math.sqrt(2.0)
+
+
+class _Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+class UNet(nn.Module):
+    """A DDPM++-style U-Net in miniature for square images: (x (B, C, H, W), t (B,)) → shape of x.
+
+    Level i works at resolution image_size/2^i with base_channels·channel_mults[i] channels and
+    ``num_res_blocks`` residual blocks (GroupNorm–SiLU–conv3×3, time embedding added per block,
+    skip rescaled by 1/√2); a single-head self-attention block follows each residual block at
+    the resolutions listed in ``attn_resolutions``. Levels are joined by stride-2 convolutions
+    going down and nearest-neighbour upsampling + conv3×3 going up; every activation of the down
+    path is concatenated into the up path (num_res_blocks + 1 blocks per level). The middle is
+    ResBlock–Attention–ResBlock. The output conv is zero-initialised (untrained output: 0).
+
+    Args:
+        in_channels: C of the data (output has the same).
+        base_channels: channels at the first level; also the time-embedding size (even).
+        channel_mults: one channel multiplier per level.
+        num_res_blocks: residual blocks per level on the way down.
+        attn_resolutions: resolutions (H) at which attention blocks are inserted.
+        image_size: H = W, a power of two divisible by 2^(levels − 1).
+        dropout: dropout probability inside residual blocks.
+        embedding: "fourier" or "sinusoidal" time embedding.
+        groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
+    """
+
+    def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2),
+                 num_res_blocks: int = 1, attn_resolutions: tuple[int, ...] = (4,), image_size: int = 8,
+                 dropout: float = 0.0, embedding: str = "fourier", groups: int = 8):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.image_size = _positive_int("image_size", image_size)
+        base_channels = _positive_int("base_channels", base_channels)
+        num_res_blocks = _positive_int("num_res_blocks", num_res_blocks)
+        groups = _positive_int("groups", groups)
+        channel_mults = tuple(_positive_int("each channel multiplier", m) for m in channel_mults)
+        if not channel_mults:
+            raise ValueError("channel_mults must list at least one level.")
+        levels = len(channel_mults)
+        if not _is_power_of_two(self.image_size) or self.image_size < 2 ** (levels - 1):
+            raise ValueError(f"image_size must be a power of two >= 2^(levels - 1) = {2 ** (levels - 1)} "
+                             f"for {levels} levels, got {image_size}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        attn_resolutions = set(attn_resolutions)
+
+        temb_dim = 4 * base_channels
+        self.time_embed = _time_mlp(embedding, base_channels, temb_dim)
+        self.conv_in = nn.Conv2d(self.in_channels, base_channels, 3, padding=1)
+
+        def res(cin: int, cout: int) -> _ResBlock:
+            return _ResBlock(cin, cout, temb_dim, dropout, groups)
+
+        def attn(ch: int, resolution: int) -> nn.Module:
+            return _AttnBlock(ch, groups) if resolution in attn_resolutions else nn.Identity()
+
+        # Down path; skip_channels records the channel count of every activation pushed for the up path.
+        self.down = nn.ModuleList()
+        ch, resolution, skip_channels = base_channels, self.image_size, [base_channels]
+        for i, mult in enumerate(channel_mults):
+            level = nn.Module()
+            level.res, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.res.append(res(ch, base_channels * mult))
+                ch = base_channels * mult
+                level.attn.append(attn(ch, resolution))
+                skip_channels.append(ch)
+            if i < levels - 1:
+                level.resample = _Downsample(ch)
+                resolution //= 2
+                skip_channels.append(ch)
+            else:
+                level.resample = nn.Identity()
+            self.down.append(level)
+
+        self.mid_res1, self.mid_attn, self.mid_res2 = res(ch, ch), _AttnBlock(ch, groups), res(ch, ch)
+
+        # Up path, deepest level first, consuming the skips in reverse order.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mults))):
+            level = nn.Module()
+            level.res, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.res.append(res(ch + skip_channels.pop(), base_channels * mult))
+                ch = base_channels * mult
+                level.attn.append(attn(ch, resolution))
+            if i > 0:
+                level.resample = _Upsample(ch)
+                resolution *= 2
+            else:
+                level.resample = nn.Identity()
+            self.up.append(level)
+        assert not skip_channels
+
+        self.norm_out = _group_norm(ch, groups)
+        self.conv_out = _zero_(nn.Conv2d(ch, self.in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"UNet expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
+        temb = self.time_embed(t)
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(h, temb))
+                skips.append(h)
+            if not isinstance(level.resample, nn.Identity):
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
+        for level in self.up:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, skips.pop()], dim=1), temb))
+            h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ---- the one place where a network output becomes a score ------------------------------------
+
+#: What a network's output is taken to be, for ``ScoreModel(parameterization=...)``.
+PARAMETERIZATIONS = ("eps", "score", "x0")
+TIME_INPUTS = ("log_snr", "t")
+
+
+class ScoreModel(nn.Module):
+    """Wraps a network ``net(x, t)`` as a score model ``score_fn(x, t)`` ≈ ∇ₓ log p_t(x) (MATH.md §5).
+
+    With α = α(t) = exp(sde.log_mean_coeff(t)) and s = s(t) = sde.marginal_std(t), so that
+    x_t = α x₀ + s ε, the network output ``out`` is read as
+
+    - "eps":   ε̂ (the noise);  score = −ε̂/s.  The default; well conditioned at every t.
+    - "score": the score itself; score = out.  Its target grows like 1/s, so this is poorly
+      conditioned at small t (kept for comparison with the reference NCSN setups).
+    - "x0":    x̂₀ (the clean data); score = (α x̂₀ − x)/s².
+
+    Input preconditioning: the network sees c_in·x with c_in = 1/√(α² σ_data² + s²), the
+    inverse of the std of x_t when the data have per-dimension std σ_data (Karras et al. 2022,
+    EDM). This keeps the network's inputs of unit scale for VE, whose x_t reaches std σ_max = 50,
+    and is ≈ 1 for VP with σ_data = 1. The network's time input (B,) is ``network_time(t)``: the
+    normalised log-SNR by default (``time_input="log_snr"``), or t itself (``time_input="t"``).
+
+    Methods return tensors of the shape of x: ``forward``/``score_fn`` the score, ``eps`` the
+    ε-prediction −s·score and ``x0`` Tweedie's estimate (x + s² score)/α, the last two computed
+    directly from the network output where the parameterisation allows, without dividing by s.
+
+    Args:
+        net: any module with ``net(x, t) -> tensor shaped like x``.
+        sde: the forward SDE (supplies α(t) and s(t)).
+        parameterization: one of ``PARAMETERIZATIONS``.
+        sigma_data: the data's per-dimension standard deviation assumed by the preconditioning.
+        time_input: "log_snr" (default) or "t", see ``network_time``.
+    """
+
+    #: smallest t the log-SNR time input resolves (the likelihood's eps); below it τ stays 0
+    T_MIN = 1e-5
+
+    def __init__(self, net: nn.Module, sde: SDE, parameterization: str = "eps", sigma_data: float = 1.0,
+                 time_input: str = "log_snr"):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}.")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data!r}.")
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {time_input!r}; valid: {', '.join(TIME_INPUTS)}.")
+        self.net = net
+        self.sde = sde
+        self.parameterization = parameterization
+        self.sigma_data = float(sigma_data)
+        self.time_input = time_input
+        self._lam_hi = sde.half_log_snr(torch.tensor(self.T_MIN, dtype=torch.float64)).item()
+        self._lam_lo = sde.half_log_snr(torch.tensor(sde.T, dtype=torch.float64)).item()
+
+    def extra_repr(self) -> str:
+        return (f"sde={self.sde!r}, parameterization={self.parameterization!r}, sigma_data={self.sigma_data}, "
+                f"time_input={self.time_input!r}")
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """What the network is conditioned on: t, or the normalised log-SNR τ ∈ [0, 1] (0 at t = T_MIN, 1 at T).
+
+        τ = (λ(T_MIN) − λ(t))/(λ(T_MIN) − λ(T)) resolves every noise level equally: with t itself,
+        t = 1e-5 and t = 1e-3 (noise levels 100× apart for VP) look nearly alike to the embedding.
+        """
+        if self.time_input == "t":
+            return t
+        lam = self.sde.half_log_snr(t.clamp_min(self.T_MIN))
+        return ((self._lam_hi - lam) / (self._lam_hi - self._lam_lo)).to(t.dtype)
+
+    def _evaluate(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor]:
+        """The network output and α, s broadcast against x."""
+        if x.dim() < 1:
+            raise ValueError(f"x must have shape (B, ...), got {tuple(x.shape)}.")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},) for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}.")
+        alpha = batch_broadcast(self.sde.log_mean_coeff(t).exp().to(x.dtype), x)
+        std = batch_broadcast(self.sde.marginal_std(t).to(x.dtype), x)
+        c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+        return self.net(c_in * x, self.network_time(t)), alpha, std
+
+    def forward(self, x: Tensor, t) -> Tensor:
+        """The score s_θ(x, t), shape of x; t of shape (B,) (or a scalar for the whole batch)."""
+        out, alpha, std = self._evaluate(x, t)
+        if self.parameterization == "eps":
+            return -out / std
+        if self.parameterization == "score":
+            return out
+        return (alpha * out - x) / std**2
+
+    score_fn = forward
+
+    def eps(self, x: Tensor, t) -> Tensor:
+        """The ε-prediction −s(t)·s_θ(x, t) (the target of DDPM's L_simple), shape of x."""
+        out, alpha, std = self._evaluate(x, t)
+        if self.parameterization == "eps":
+            return out
+        if self.parameterization == "score":
+            return -std * out
+        return (x - alpha * out) / std
+
+    def x0(self, x: Tensor, t) -> Tensor:
+        """Tweedie's denoised estimate x̂₀ = (x + s(t)² s_θ(x, t))/α(t), shape of x."""
+        out, alpha, std = self._evaluate(x, t)
+        if self.parameterization == "eps":
+            return (x - std * out) / alpha
+        if self.parameterization == "score":
+            return (x + std**2 * out) / alpha
+        return out
+
+
+# ---- factory ---------------------------------------------------------------------------------
+
+#: Network kind → class, for ``build_network`` (and a ``conf/model/<kind>.yaml``).
+NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLPScoreNet, "unet": UNet}
+
+
+def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Module:
+    """Build a network for samples of shape ``event_shape``.
+
+    "mlp": ``MLPScoreNet(dim=prod(event_shape), **kwargs)`` (any event shape; flattened inside).
+    "unet": ``UNet(in_channels=C, image_size=H, **kwargs)`` for event_shape (C, H, W), H == W a
+    power of two.
+    """
+    if kind not in NETWORKS:
+        raise ValueError(f"unknown network kind {kind!r}; available: {', '.join(NETWORKS)}.")
+    try:
+        shape = tuple(operator.index(n) for n in event_shape)
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ValueError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
+    event_shape = shape
+    derived = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}[kind]
+    clash = sorted(set(derived) & set(kwargs))
+    if clash:
+        raise ValueError(f"{', '.join(clash)} for a {kind} network come from event_shape; do not pass them.")
+    if kind == "mlp":
+        return MLPScoreNet(math.prod(event_shape), **kwargs)
+    if len(event_shape) != 3 or event_shape[1] != event_shape[2] or not _is_power_of_two(event_shape[1]):
+        raise ValueError(f"a unet needs event_shape (C, H, W) with H == W a power of two, e.g. (1, 8, 8) or "
+                         f"(3, 32, 32); got {event_shape}.")
+    C, H, _ = event_shape
+    return UNet(in_channels=C, image_size=H, **kwargs)
