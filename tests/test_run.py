@@ -49,7 +49,7 @@ def test_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("sde=ve", "solver=euler_maruyama", "solver.steps=100", "n_samples=300", "n_eval=30", cwd=out)
     assert proc.returncode == 0, proc.stderr
-    assert "VESDE + euler_maruyama on ring: 300 samples, 100 NFE" in proc.stdout
+    assert "VESDE + euler_maruyama on ring (exact score): 300 samples, 100 NFE" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["nfe"] == 100 and metrics["solver"] == "euler_maruyama"
     assert abs(metrics["nll_error_nats"]) < 1e-2 and metrics["mode_weight_error"] < 0.1
@@ -63,7 +63,9 @@ def test_cli_end_to_end(tmp_path):
     (["solver.options.snr=0.1"], "Could not override 'solver.options.snr'"),
     (["solver=pc", "solver.options.snr=abc"], "error: option 'snr' of pc must be float, got 'abc'."),
     (["solver=ancestral", "solver.steps=10"], "error: solver 'ancestral' with steps=10"),
-    (["task=train"], "error: unknown task 'train'; available: sample."),
+    (["task=fit"], "error: unknown task 'fit'; available: sample, train."),
+    (["data=moons"], "error: data=moons has no exact score: train a model (task=train) and pass ckpt=PATH."),
+    (["ckpt=/nonexistent/last.pt"], "error: no checkpoint at /nonexistent/last.pt"),
 ])
 def test_cli_bad_input_fails_clearly_and_writes_no_result(tmp_path, args, message):
     out = tmp_path / "run"
@@ -71,3 +73,20 @@ def test_cli_bad_input_fails_clearly_and_writes_no_result(tmp_path, args, messag
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (out / "metrics.json").exists()
+
+
+def test_cli_trains_then_samples_from_the_checkpoint(tmp_path):
+    """task=train writes checkpoints/last.pt; ckpt=PATH samples with that model, its SDE and its data."""
+    train_dir = tmp_path / "train"
+    proc = run_cli("task=train", "sde=ve", "train.steps=30", "train.batch_size=64", "model.net.hidden=32",
+                   "model.net.depth=1", "data.n_train=256", "data.n_test=64", "train.eval.n_nll=16",
+                   "train.eval.n_samples=32", "train.eval.rtol=1e-3", "train.eval.atol=1e-3", cwd=train_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained mlp on ring with VESDE for 30 steps" in proc.stdout
+    sample_dir = tmp_path / "sample"
+    proc = run_cli(f"ckpt={train_dir / 'checkpoints' / 'last.pt'}", "solver=pf_ode", "n_samples=50", "n_eval=10",
+                   "likelihood.rtol=1e-3", "likelihood.atol=1e-3", cwd=sample_dir)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((sample_dir / "metrics.json").read_text())
+    assert metrics["model"] == "checkpoint" and metrics["sde"] == "VESDE" and metrics["n_samples"] == 50
+    assert np.isfinite(metrics["nll_nats"])

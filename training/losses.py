@@ -1,0 +1,109 @@
+"""Score-matching losses (MATH.md §5): continuous DSM with s² or likelihood weighting, DDPM's ε-loss, NCSN's.
+
+Every loss takes a model exposing ``model(x, t)`` (the score) and, for DDPM, ``model.eps(x, t)``
+(``models.ScoreModel``), a batch x0 (B, ...) and a torch.Generator for t and the noise, and returns
+a scalar: the per-sample loss reduced over dimensions by ``reduction`` ("mean" or "sum"), then
+averaged over the batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+from sde_lib import SDE, VESDE, VPSDE, batch_broadcast
+
+Tensor = torch.Tensor
+
+__all__ = ["dsm_loss", "ddpm_loss", "ncsn_loss", "LOSSES", "get_loss"]
+
+
+def _reduce(per_element: Tensor, reduction: str) -> Tensor:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    flat = per_element.flatten(1)
+    return (flat.mean(1) if reduction == "mean" else flat.sum(1)).mean()
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
+             eps: float = 1e-5, weighting: Literal["s2", "likelihood"] = "s2", importance_sampling: bool = False,
+             reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    """Continuous denoising score matching, E_t λ(t) E ‖s_θ(α x0 + s z, t) + z/s‖², t ~ U(eps, T).
+
+    ``weighting="s2"``: λ = s², i.e. ‖s s_θ + z‖² (the default). ``weighting="likelihood"``: λ = g²,
+    which makes the loss an upper bound on the negative log-likelihood (Song et al. 2021b). With
+    ``importance_sampling``, t is drawn with density ∝ g²/s²: since dλ/dt = −½ g²/s² for the half
+    log-SNR λ of any linear SDE, that is λ uniform on [λ(T), λ(eps)], and the estimator becomes
+    Z/(T − eps) · ‖s s_θ + z‖² with Z = 2(λ(eps) − λ(T)) — same expectation, lower variance.
+    """
+    n = x0.shape[0]
+    u = _rand(n, x0, generator)
+    if importance_sampling:
+        if weighting != "likelihood":
+            raise ValueError("importance_sampling applies to weighting='likelihood' only.")
+        lam_T = sde.half_log_snr(torch.tensor(sde.T, dtype=torch.float64)).item()
+        lam_eps = sde.half_log_snr(torch.tensor(eps, dtype=torch.float64)).item()
+        t = sde.t_from_half_log_snr(lam_T + u.double() * (lam_eps - lam_T)).to(x0.dtype).clamp(eps, sde.T)
+        scale = 2 * (lam_eps - lam_T) / (sde.T - eps)
+    else:
+        t = eps + u * (sde.T - eps)
+        scale = None
+    z = _randn_like(x0, generator)
+    mean, std = sde.marginal_prob(x0, t)
+    xt = mean + batch_broadcast(std, x0) * z
+    residual = batch_broadcast(std, x0) * model(xt, t) + z                  # s s_θ + z
+    per_element = residual.pow(2)
+    if weighting == "likelihood":
+        weight = scale if importance_sampling else batch_broadcast(sde.diffusion_sq(t).to(x0.dtype) / std**2, x0)
+        per_element = per_element * weight
+    elif weighting != "s2":
+        raise ValueError(f"weighting must be 's2' or 'likelihood', got {weighting!r}.")
+    return _reduce(per_element, reduction)
+
+
+def _chain_sample(sde: SDE, x0: Tensor, generator: torch.Generator | None):
+    """A chain index i ~ U{0..N−1} per sample, its time t_i = i/(N−1)·T and chain coefficients."""
+    i = torch.randint(0, sde.N, (x0.shape[0],), generator=generator, device=x0.device)
+    t = i.to(x0.dtype) / (sde.N - 1) * sde.T
+    _, _, m = sde.chain_coeffs(t, x0)
+    return t, m
+
+
+def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
+              reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
+    """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = i/(N−1))."""
+    if not isinstance(sde, VPSDE):
+        raise ValueError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
+    t, m = _chain_sample(sde, x0, generator)              # m_i = 1 − ᾱ_i
+    noise = _randn_like(x0, generator)
+    xt = batch_broadcast((1 - m).sqrt(), x0) * x0 + batch_broadcast(m.sqrt(), x0) * noise
+    return _reduce((noise - model.eps(xt, t)).pow(2), reduction)
+
+
+def ncsn_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
+              reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
+    """NCSN's loss, E_i σ_i² E ‖s_θ(x0 + σ_i z, t_i) + z/σ_i‖², on VE's geometric σ chain (t_i = i/(N−1))."""
+    if not isinstance(sde, VESDE):
+        raise ValueError(f"the NCSN loss needs a VESDE (NCSN's σ chain), got {type(sde).__name__}; use loss=dsm.")
+    t, m = _chain_sample(sde, x0, generator)              # m_i = σ_i²
+    sigma = batch_broadcast(m.sqrt(), x0)
+    z = _randn_like(x0, generator)
+    return _reduce((sigma * model(x0 + sigma * z, t) + z).pow(2), reduction)
+
+
+LOSSES = {"dsm": dsm_loss, "ddpm": ddpm_loss, "ncsn": ncsn_loss}
+
+
+def get_loss(name: str) -> Callable:
+    """The loss function registered under ``name`` (dsm, ddpm, ncsn)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(LOSSES)}.")
+    return LOSSES[name]
