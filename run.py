@@ -19,16 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import solvers
-from data_lib import dequantize, load_dataset
+from data_lib import dequantize
 from models import MixtureScore, load_checkpoint
 from training import TrainingError, train
+from training.loop import load_data
 from training.plots import save_samples
-
-
-def load_data(cfg: DictConfig, seed: int):
-    """The dataset named by a ``data`` config section."""
-    options = OmegaConf.to_container(cfg, resolve=True)
-    return load_dataset(options.pop("name"), seed=seed, **options)
 
 
 def sample_task(cfg: DictConfig, out: Path) -> dict:

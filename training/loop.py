@@ -30,11 +30,17 @@ from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainingError", "model_spec_for", "evaluate", "RunOutput"]
+__all__ = ["train", "TrainingError", "load_data", "model_spec_for", "evaluate", "RunOutput"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on: the loss turned NaN, or a resume checkpoint does not match the run."""
+
+
+def load_data(cfg_data: DictConfig, seed: int) -> Dataset:
+    """The dataset a ``data`` config section names, with its options."""
+    options = OmegaConf.to_container(cfg_data, resolve=True)
+    return load_dataset(options.pop("name"), seed=seed, **options)
 
 
 def model_spec_for(cfg: DictConfig, data: Dataset) -> dict[str, Any]:
@@ -182,8 +188,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tc = cfg.train
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data_options = OmegaConf.to_container(cfg.data, resolve=True)
-    data = load_dataset(data_options.pop("name"), seed=cfg.seed, **data_options)
+    data = load_data(cfg.data, cfg.seed)
     data = dataclasses.replace(data, train=data.train.to(device), test=data.test.to(device))
     spec = model_spec_for(cfg, data)
     sde, model = build_from_spec(spec)

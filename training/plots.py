@@ -20,6 +20,7 @@ def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tens
         n = min(len(samples), 64)
         side = int(n**0.5)
         imgs = samples[:side * side]
+        imgs = torch.nn.functional.pad(imgs, (1, 1, 1, 1), value=float(imgs.max()))  # a light frame per image
         c, h, w = imgs.shape[1:]
         grid = imgs.reshape(side, side, c, h, w).permute(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
         fig, ax = plt.subplots(figsize=(5, 5))
