@@ -180,16 +180,6 @@ def test_ddpm_loss_vanishes_for_the_true_noise(point):
     assert loss.item() < 1e-10
 
 
-@pytest.mark.parametrize("reduction, per_sample", [("mean", 1.0), ("sum", 3.0)])
-def test_ddpm_loss_of_a_zero_prediction_is_the_noise_power(reduction, per_sample):
-    """‖ε − 0‖² has mean D, per-sample variance 2D: 1 (mean) or D (sum), to a few standard errors."""
-    sde = VPSDE()
-    x0 = torch.randn(N_POINT, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    loss = ddpm_loss(_Zero(), sde, x0, generator=torch.Generator().manual_seed(0), reduction=reduction).item()
-    se = math.sqrt(2 * 3 / N_POINT) * (1 if reduction == "sum" else 1 / 3)
-    assert abs(loss - per_sample) < 5 * se, loss
-
-
 @pytest.mark.parametrize("point", list(POINTS))
 @pytest.mark.parametrize("variance", ["chain", "continuous"])
 def test_ncsn_loss_vanishes_for_the_exact_score(point, variance):
@@ -205,11 +195,12 @@ def test_ncsn_loss_vanishes_for_the_exact_score(point, variance):
     assert ncsn_loss(score, sde, x0, generator=torch.Generator().manual_seed(0)).item() < 1e-10
 
 
+@pytest.mark.parametrize("loss_fn, sde", [(ddpm_loss, VPSDE()), (ncsn_loss, VESDE())], ids=["ddpm", "ncsn"])
 @pytest.mark.parametrize("reduction, per_sample", [("mean", 1.0), ("sum", 3.0)])
-def test_ncsn_loss_of_a_zero_score_is_the_noise_power(reduction, per_sample):
-    sde = VESDE()
+def test_loss_of_a_zero_prediction_is_the_noise_power(loss_fn, sde, reduction, per_sample):
+    """‖ε − 0‖² (DDPM) and ‖σ·0 + z‖² (NCSN) have mean D, per-sample variance 2D: 1 (mean) or D (sum)."""
     x0 = torch.randn(N_POINT, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    loss = ncsn_loss(_Zero(), sde, x0, generator=torch.Generator().manual_seed(0), reduction=reduction).item()
+    loss = loss_fn(_Zero(), sde, x0, generator=torch.Generator().manual_seed(0), reduction=reduction).item()
     se = math.sqrt(2 * 3 / N_POINT) * (1 if reduction == "sum" else 1 / 3)
     assert abs(loss - per_sample) < 5 * se, loss
 
