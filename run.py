@@ -19,10 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import solvers
-from data_lib import dequantize
 from models import MixtureScore, load_checkpoint
 from training import TrainingError, train
-from training.loop import load_data
+from training.loop import data_log_likelihood, load_data
 from training.plots import save_samples
 
 
@@ -52,13 +51,9 @@ def sample_task(cfg: DictConfig, out: Path) -> dict:
     result = solvers.sample(sde, score, (cfg.n_samples, *data.event_shape), solver=cfg.solver.name,
                             steps=cfg.solver.steps, eps=cfg.eps, seed=cfg.seed, device=device, dtype=dtype,
                             **options)
-    test = data.test[:cfg.n_eval].to(device=device, dtype=dtype)
-    if data.levels is not None:
-        test = dequantize(test, data.levels, data.data_range,
-                          generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
-    lik = solvers.log_likelihood(sde, score, test, eps=cfg.likelihood.eps, rtol=cfg.likelihood.rtol,
-                                 atol=cfg.likelihood.atol, divergence=cfg.likelihood.divergence, seed=cfg.seed,
-                                 levels=data.levels, data_range=data.data_range)
+    lik, test = data_log_likelihood(sde, score, data, data.test[:cfg.n_eval].to(device=device, dtype=dtype),
+                                    cfg.seed, eps=cfg.likelihood.eps, rtol=cfg.likelihood.rtol,
+                                    atol=cfg.likelihood.atol, divergence=cfg.likelihood.divergence)
     samples = result.samples.cpu()
     np.savez(out / "samples.npz", samples=samples.numpy(), z=result.z.cpu().numpy())
     save_samples(out / "samples.png", samples, f"{type(sde).__name__}, {cfg.solver.name}: {result.nfe} NFE",

@@ -30,7 +30,7 @@ from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainingError", "load_data", "model_spec_for", "evaluate", "RunOutput"]
+__all__ = ["train", "TrainingError", "load_data", "data_log_likelihood", "model_spec_for", "evaluate", "RunOutput"]
 
 
 class TrainingError(RuntimeError):
@@ -132,6 +132,20 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
     return total / count
 
 
+def data_log_likelihood(sde, score_fn, data: Dataset, x: torch.Tensor, seed: int, **options):
+    """``solvers.log_likelihood`` of points x of ``data``, dequantised first when the data are discrete.
+
+    Discrete data get uniform noise within each of their bins (seeded) and bits/dim with their
+    offset log₂(K/w). Returns the LikelihoodResult and the points actually scored.
+    """
+    if data.levels is not None:
+        x = dequantize(x, data.levels, data.data_range,
+                       generator=torch.Generator(device=x.device).manual_seed(seed + 11))
+    lik = solvers.log_likelihood(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
+                                 **options)
+    return lik, x
+
+
 def evaluate(model, sde, data: Dataset, cfg: DictConfig, loss_fn, loss_options, step: int, out: RunOutput) -> dict:
     """Test loss, a sample figure and the test NLL through the ODE (bits/dim with the data's levels)."""
     ev = cfg.train.eval
@@ -140,12 +154,8 @@ def evaluate(model, sde, data: Dataset, cfg: DictConfig, loss_fn, loss_options, 
     samples = solvers.sample(sde, model, (ev.n_samples, *data.event_shape), solver="pf_ode", seed=cfg.seed,
                              device=data.test.device).samples
     out.samples_figure(samples, step)
-    x = data.test[:ev.n_nll]
-    if data.levels is not None:
-        x = dequantize(x, data.levels, data.data_range,
-                       generator=torch.Generator(device=x.device).manual_seed(cfg.seed + 11))
-    lik = solvers.log_likelihood(sde, model, x, rtol=ev.rtol, atol=ev.atol, divergence=ev.divergence,
-                                 probes=ev.probes, seed=cfg.seed, levels=data.levels, data_range=data.data_range)
+    lik, x = data_log_likelihood(sde, model, data, data.test[:ev.n_nll], cfg.seed, rtol=ev.rtol, atol=ev.atol,
+                                 divergence=ev.divergence, probes=ev.probes)
     row["test_nll_nats"] = -lik.logp.mean().item()
     row["test_bpd"] = lik.bpd.mean().item()
     row["nll_nfe"] = lik.nfe
