@@ -349,9 +349,6 @@ class VESDE(SDE):
     def diffusion_sq(self, t: Tensor) -> Tensor:
         return self.sigma(t) ** 2 * (2 * self._log_ratio)
 
-    def half_log_snr(self, t: Tensor) -> Tensor:
-        return -torch.log(self.sigma(_as_tensor(t).clamp(0.0, self.T)))
-
     def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
         return (-_as_tensor(lam) - math.log(self.sigma_min)) / self._log_ratio
 
