@@ -101,6 +101,9 @@ class GaussianMixture:
 
     def _components(self, flat: Tensor, alpha: Tensor, var: Tensor):
         """log p_t and score for flat x (B, D), given α (B,) and s² (B,) at each sample's t."""
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"this mixture is over {self.dim} dimensions (samples of shape {self.event_shape}), "
+                             f"got data with {flat.shape[1]} per sample; use shape (B, {', '.join(map(str, self.event_shape))}).")
         dtype, device = flat.dtype, flat.device
         U = self.eigvecs.to(dtype=dtype, device=device)                     # (K, D, D)
         lam = self.eigvals.to(dtype=dtype, device=device)                   # (K, D)

@@ -66,6 +66,8 @@ def test_cli_end_to_end(tmp_path):
     (["task=fit"], "error: unknown task 'fit'; available: sample, train."),
     (["data=moons"], "error: data=moons has no exact score: train a model (task=train) and pass ckpt=PATH."),
     (["ckpt=/nonexistent/last.pt"], "error: no checkpoint at /nonexistent/last.pt"),
+    (["task=train", "train.steps=abc"], "error: train.steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["task=train", "+train.stepz=3"], "error: train.stepz: Key 'stepz' not in"),
 ])
 def test_cli_bad_input_fails_clearly_and_writes_no_result(tmp_path, args, message):
     out = tmp_path / "run"

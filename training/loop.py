@@ -16,10 +16,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 from tqdm import tqdm
 
 import solvers
@@ -31,6 +32,49 @@ from training.losses import get_loss
 log = logging.getLogger(__name__)
 
 __all__ = ["train", "TrainingError", "load_data", "data_log_likelihood", "model_spec_for", "evaluate", "RunOutput"]
+
+
+@dataclasses.dataclass
+class _EvalSchema:
+    every: int = MISSING
+    n_samples: int = MISSING
+    n_nll: int = MISSING
+    divergence: str = MISSING
+    probes: int = MISSING
+    rtol: float = MISSING
+    atol: float = MISSING
+
+
+@dataclasses.dataclass
+class _TrainSchema:
+    """The types of ``train.*`` (values and their documentation: conf/config.yaml)."""
+
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    warmup: int = MISSING
+    lr_schedule: str = MISSING
+    betas: list[float] = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    ema_decay: float = MISSING
+    loss: str = MISSING
+    weighting: str = MISSING
+    importance_sampling: bool = MISSING
+    reduction: str = MISSING
+    eps: float = MISSING
+    log_every: int = MISSING
+    ckpt_every: int = MISSING
+    resume: Optional[str] = MISSING
+    eval: _EvalSchema = MISSING
+
+
+def typed_train_config(train_cfg: DictConfig) -> DictConfig:
+    """``train.*`` checked against its schema: a wrong type or unknown key is a ValueError naming it."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(_TrainSchema), train_cfg)
+    except (ValidationError, ConfigKeyError) as err:
+        raise ValueError(f"train.{err.full_key}: {str(err).splitlines()[0]}") from None
 
 
 class TrainingError(RuntimeError):
@@ -195,7 +239,7 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train a score model as ``cfg`` says and write checkpoints, logs, plots and metrics into run_dir."""
-    tc = cfg.train
+    tc = typed_train_config(cfg.train)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed)

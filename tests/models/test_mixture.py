@@ -225,3 +225,10 @@ def test_bad_input_raises(kwargs):
     GaussianMixture(**args)                                          # the baseline is valid
     with pytest.raises(ValueError):
         GaussianMixture(**{**args, **kwargs})
+
+
+def test_data_of_the_wrong_dimension_is_refused():
+    score = MixtureScore(VPSDE(), ring_mixture())
+    with pytest.raises(ValueError, match=r"this mixture is over 2 dimensions .*got data with 3 per sample; "
+                                         r"use shape \(B, 2\)"):
+        score(torch.zeros(4, 3), torch.full((4,), 0.5))
