@@ -104,13 +104,14 @@ def test_output_shape_and_zero_at_init(net, shape):
 
 @parametrize_sdes
 def test_untrained_score_model_closed_forms(sde):
-    """Zero network output: "eps" and "score" give the zero score, "x0" (x̂₀ = 0) gives −x/s²."""
+    """Zero network output: "eps" and "score" give the zero score, "x0" (x̂₀ = c_skip x) gives −x/(s² + α²)."""
     x, t = torch.randn(6, 1, 8, 8, dtype=F64), torch.rand(6, dtype=F64) * 0.9 + 0.05
     net = UNet().double()
-    _, std = _alpha_std(sde, t, x)
+    alpha, std = _alpha_std(sde, t, x)
     assert torch.equal(ScoreModel(net, sde, "eps")(x, t), torch.zeros_like(x))
     assert torch.equal(ScoreModel(net, sde, "score")(x, t), torch.zeros_like(x))
-    assert_close(ScoreModel(net, sde, "x0")(x, t), -x / std**2)
+    # The score of x_t when x₀ ~ N(0, σ_data² I) (σ_data = 1): the preconditioning's prior guess.
+    assert_close(ScoreModel(net, sde, "x0")(x, t), -x / (std**2 + alpha**2))
 
 
 # ---- ScoreModel conversions ---------------------------------------------------------------------
@@ -138,7 +139,12 @@ def test_score_model_matches_closed_form(sde, parameterization):
     x_in = x / torch.sqrt(alpha**2 * sigma_data**2 + std**2)
     assert_close(net.seen, x_in)
     out = net(x_in, model.network_time(t))
-    expected = {"eps": -out / std, "score": out, "x0": (alpha * out - x) / std**2}[parameterization]
+    # "x0": EDM's denoiser with σ = s/α: x̂₀ = c_skip x/α + c_out out (Karras et al. 2022, Table 1).
+    sigma = std / alpha
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+    x0_hat = c_skip * x / alpha + c_out * out
+    expected = {"eps": -out / std, "score": out, "x0": (alpha * x0_hat - x) / std**2}[parameterization]
     assert_close(score, expected)
 
 
@@ -155,10 +161,13 @@ def test_eps_and_x0_consistent_with_score(sde, parameterization):
     score = model(x, t)
     assert_close(model.eps(x, t), -std * score)
     assert_close(model.x0(x, t), (x + std**2 * score) / alpha)
-    # The native quantity is the network output itself.
-    native = {"eps": model.eps, "score": model.forward, "x0": model.x0}[parameterization]
+    # The native quantity is the network output itself ("x0": after EDM's skip connection, σ_data = 1).
     x_in = x / torch.sqrt(alpha**2 + std**2)
-    assert_close(native(x, t), net(x_in, model.network_time(t)), rtol=1e-14, atol=1e-14)
+    out = net(x_in, model.network_time(t))
+    if parameterization == "x0":
+        out = alpha * x / (alpha**2 + std**2) + std / torch.sqrt(alpha**2 + std**2) * out
+    native = {"eps": model.eps, "score": model.forward, "x0": model.x0}[parameterization]
+    assert_close(native(x, t), out, rtol=1e-14, atol=1e-14)
 
 
 @parametrize_param
@@ -168,7 +177,8 @@ def test_native_prediction_is_finite_where_the_score_is_not(parameterization):
     model = ScoreModel(net, VPSDE(), parameterization)
     x, t = torch.randn(4, 2), torch.zeros(4)
     native = {"eps": model.eps, "x0": model.x0, "score": model.forward}[parameterization]
-    assert_close(native(x, t), net(x, model.network_time(t)))  # c_in = 1 at t = 0 for VP with σ_data = 1
+    # c_in = 1 at t = 0 for VP with σ_data = 1, and EDM's x̂₀ = x there (c_skip = 1, c_out = 0).
+    assert_close(native(x, t), x if parameterization == "x0" else net(x, model.network_time(t)))
 
 
 @parametrize_sdes
