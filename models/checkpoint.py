@@ -22,11 +22,12 @@ import torch
 
 import sde_lib
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "build_from_spec",
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "export_checkpoint", "build_from_spec",
            "load_checkpoint", "LoadedModel"]
 
 FORMAT = "scoreflow-checkpoint-v1"
-_REQUIRED = ("format", "model_spec", "model", "ema", "step", "config")
+_REQUIRED = ("format", "model_spec", "ema", "step", "config")  # enough to sample; resuming needs TRAINING_KEYS too
+TRAINING_KEYS = ("model", "ema_updates", "optimizer", "rng")
 
 
 class CheckpointError(ValueError):
@@ -80,6 +81,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete: use another checkpoint.")
     return state
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Write a sampling-only copy of training checkpoint ``src`` to ``dst``: the spec, EMA weights, step and config.
+
+    It is a quarter of the size (no raw weights, optimizer moments or RNG states), loads with
+    :func:`load_checkpoint` like any checkpoint, and cannot be resumed from.
+    """
+    state = read_checkpoint(src)
+    save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format")})
 
 
 def build_from_spec(spec: dict[str, Any]):

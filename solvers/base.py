@@ -14,6 +14,7 @@ import typing
 from typing import Any, Callable, ClassVar
 
 import torch
+from tqdm import tqdm
 
 from sde_lib import SDE
 from solvers.noise import NoiseSource
@@ -44,6 +45,9 @@ class SampleResult:
         solver: registry name of the solver used.
         seed: the seed of the noise (the prior draw and every stochastic step).
         z: (B, ...) the prior noise the run started from.
+        trajectory: with ``trajectory=k``, (times (S,), states (S, k, ...)): the first k samples at
+            every score evaluation, in the order made (adaptive ODE methods include their trial
+            stages), then the final samples; None otherwise.
     """
 
     samples: Tensor
@@ -52,6 +56,7 @@ class SampleResult:
     solver: str
     seed: int
     z: Tensor
+    trajectory: tuple[Tensor, Tensor] | None = None
 
 
 class CountedScore:
@@ -62,11 +67,14 @@ class CountedScore:
     later calls check the shape, which costs nothing on any device.
     """
 
-    def __init__(self, score_fn: ScoreFn):
+    def __init__(self, score_fn: ScoreFn, record: int = 0, progress: "TimeProgress | None" = None):
         if not callable(score_fn):
             raise SolverError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}.")
         self.score_fn = score_fn
         self.nfe = 0
+        self.record = record
+        self.progress = progress
+        self.visited: list[tuple[float, Tensor]] = []  # (t, x[:record]) at every call, when record > 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -81,7 +89,30 @@ class CountedScore:
             raise NonFiniteError(f"score_fn returned NaN or inf at its first call (t = {t[0].item():.4g}); "
                                  "check the model and its weights.")
         self.nfe += 1
+        if self.record:
+            self.visited.append((t[0].item(), x[:self.record].detach().clone()))
+        if self.progress is not None:
+            self.progress.at(t[0].item(), self.nfe)
         return out
+
+
+class TimeProgress:
+    """A tqdm bar for an integration from t_start to t_end, advanced by the times the score is called at."""
+
+    def __init__(self, t_start: float, t_end: float, desc: str):
+        self.t_start, self.t_end = t_start, t_end
+        self.bar = tqdm(total=1000, desc=desc, dynamic_ncols=True, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    def at(self, t: float, nfe: int) -> None:
+        done = int(1000 * min(max((t - self.t_start) / (self.t_end - self.t_start), 0.0), 1.0))
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+        if nfe % 10 == 0:
+            self.bar.set_postfix_str(f"NFE {nfe}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def check_finite(x: Tensor, what: str) -> None:
@@ -204,7 +235,7 @@ def resolve_eps(sde: SDE, eps: float | None) -> float:
 def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", steps: int | None = None,
            eps: float | None = None, z: Tensor | None = None, seed: int | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-           index_offset: int = 0, **options: Any) -> SampleResult:
+           index_offset: int = 0, trajectory: int = 0, progress: bool = False, **options: Any) -> SampleResult:
     """Draw samples by running ``solver`` from the prior at t = T down to t = eps.
 
     Args:
@@ -220,6 +251,9 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
             depends only on (seed, index_offset + b). None draws one from torch's global RNG.
         device, dtype: where and in what precision to sample (default: z's, else CPU float32).
         index_offset: global index of the first sample, for splitting one run across processes.
+        trajectory: record the first this-many samples at every score evaluation (for plots;
+            costs a copy per evaluation).
+        progress: show a progress bar over t (on stderr).
         **options: the solver's options (``solvers.get_solver(name).Options`` lists them).
 
     Returns:
@@ -248,9 +282,20 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
         z = sde.prior_std * noise.normal(shape, dtype=dtype, device=device)
     else:
         noise.skip()  # draw 0 is the prior's: later draws keep their numbers whether or not z is given
-    score = CountedScore(score_fn)
+    if not isinstance(trajectory, int) or isinstance(trajectory, bool) or trajectory < 0:
+        raise SolverError(f"trajectory must be a non-negative integer, got {trajectory!r}.")
+    bar = TimeProgress(sde.T, eps, f"sampling ({solver})") if progress else None
+    score = CountedScore(score_fn, record=trajectory, progress=bar)
     start = time.perf_counter()
-    x = instance.run(sde, score, z, eps, steps, noise)
+    try:
+        x = instance.run(sde, score, z, eps, steps, noise)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
     check_finite(x, f"the samples of solver '{solver}'")
-    return SampleResult(samples=x, nfe=score.nfe, seconds=time.perf_counter() - start, solver=solver,
-                        seed=seed, z=z)
+    path = None
+    if trajectory:
+        visited = [*score.visited, (eps, x[:trajectory].detach().clone())]
+        path = (torch.tensor([t for t, _ in visited]), torch.stack([v for _, v in visited]))
+    return SampleResult(samples=x, nfe=score.nfe, seconds=seconds, solver=solver, seed=seed, z=z, trajectory=path)

@@ -17,7 +17,7 @@ import torch
 from torch.func import vjp, vmap
 
 from sde_lib import SDE
-from solvers.base import CountedScore, SolverError, _build_options, check_finite
+from solvers.base import CountedScore, SolverError, TimeProgress, _build_options, check_finite
 from solvers.noise import NoiseSource
 from solvers.ode import check_method, odeint_between, pf_ode_drift
 
@@ -62,6 +62,7 @@ class _LikelihoodOptions:
     # Adaptive error control: the worst sample's RMS, so that rtol/atol hold for every sample
     # ("batch": torchdiffeq's batch RMS, fewer NFE, but an outlier's error is averaged away).
     error_norm: Literal["sample", "batch"] = "sample"
+    progress: bool = False          # a progress bar over t (on stderr)
 
     def validate(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -129,7 +130,8 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
         rtol, atol: tolerances of adaptive methods.
         divergence: "exact" (D VJPs; right for small D) or "hutchinson" (``probes`` VJPs).
         **options: method, steps, probes, probe ("rademacher" | "gaussian"), seed, levels,
-            data_range, chunk, error_norm ("sample": rtol/atol hold for every sample; "batch").
+            data_range, chunk, error_norm ("sample": rtol/atol hold for every sample; "batch"),
+            progress (a bar over t on stderr).
 
     Returns:
         :class:`LikelihoodResult`: ``.logp`` in nats per sample, ``.bpd``, ``.z``, ``.nfe``.
@@ -144,7 +146,8 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
         raise SolverError(f"eps must be in (0, T={sde.T}), got {eps!r}.")
     if rtol <= 0 or atol <= 0:
         raise SolverError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}.")
-    score = CountedScore(score_fn)
+    bar = TimeProgress(eps, sde.T, f"likelihood ({divergence})") if opts.progress else None
+    score = CountedScore(score_fn, progress=bar)
     drift = pf_ode_drift(sde, score)
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -167,8 +170,12 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
 
     start = time.perf_counter()
     delta0 = x.new_zeros(n_est, x.shape[0])
-    z, delta = odeint_between(state_derivative, (x, delta0), eps, sde.T, opts.method, rtol, atol, opts.steps,
-                              opts.error_norm)
+    try:
+        z, delta = odeint_between(state_derivative, (x, delta0), eps, sde.T, opts.method, rtol, atol, opts.steps,
+                                  opts.error_norm)
+    finally:
+        if bar is not None:
+            bar.close()
     logp_probes = sde.prior_logp(z)[None] + delta
     check_finite(logp_probes, "the log-likelihood")
     logp = logp_probes.mean(0)

@@ -40,3 +40,47 @@ def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tens
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_trajectories(path: Path, times: torch.Tensor, states: torch.Tensor, title: str) -> None:
+    """Write a few sampling paths as a PNG.
+
+    times (S,) and states (S, k, ...) as in ``SampleResult.trajectory``. Images (k, C, H, W):
+    one row per path, eight snapshots from t = T to the end. Other data: the paths in the plane
+    of the first two coordinates, beside the first coordinate against t.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times, states = times.detach().double().cpu(), states.detach().float().cpu()
+    if states.dim() == 5:
+        cols = [int((times - t).abs().argmin()) for t in torch.linspace(times[0].item(), times[-1].item(), 8)]
+        k = min(states.shape[1], 8)
+        fig, axes = plt.subplots(k, len(cols), figsize=(1.2 * len(cols), 1.2 * k + 0.5), squeeze=False)
+        for row in range(k):
+            for j, s in enumerate(cols):
+                img = states[s, row]
+                axes[row][j].imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+                axes[row][j].axis("off")
+                if row == 0:
+                    axes[row][j].set_title(f"t={times[s].item():.3g}", fontsize=7)
+    else:
+        flat = states.flatten(2)
+        dims = min(flat.shape[2], 2)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), squeeze=False)
+        plane, trace = axes[0]
+        for j in range(flat.shape[1]):
+            line = plane.plot(flat[:, j, 0], flat[:, j, dims - 1], lw=0.8, alpha=0.8)[0]
+            plane.plot(flat[-1, j, 0], flat[-1, j, dims - 1], "o", ms=3, color=line.get_color())
+            trace.plot(times, flat[:, j, 0], lw=0.8, color=line.get_color())
+        plane.set_title("paths (first two coordinates), dots: samples")
+        plane.set_aspect("equal")
+        trace.set_xlabel("t")
+        trace.set_ylabel("first coordinate")
+        trace.invert_xaxis()
+        trace.set_title("first coordinate against t")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

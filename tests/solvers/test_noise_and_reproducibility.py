@@ -97,3 +97,28 @@ def test_seed_none_follows_torch_manual_seed():
     torch.manual_seed(0)
     b = solvers.sample(sde, score, (8, 2), solver="euler_maruyama", steps=10)
     assert a.seed == b.seed and torch.equal(a.samples, b.samples)
+
+
+@pytest.mark.parametrize("solver,steps", [("euler_maruyama", 20), ("pf_ode", None)])
+def test_trajectory_records_without_changing_the_samples(solver, steps, capsys):
+    """trajectory=k: the first k samples at every score evaluation, then the result; progress only prints."""
+    sde = VPSDE()
+    score = MixtureScore(sde, ring_mixture())
+    plain = solvers.sample(sde, score, (50, 2), solver=solver, steps=steps, seed=4)
+    traced = solvers.sample(sde, score, (50, 2), solver=solver, steps=steps, seed=4, trajectory=3, progress=True)
+    torch.testing.assert_close(traced.samples, plain.samples, rtol=0, atol=0)
+    times, states = traced.trajectory
+    assert states.shape == (traced.nfe + 1, 3, 2) and times.shape == (traced.nfe + 1,)
+    torch.testing.assert_close(states[0], traced.z[:3], rtol=0, atol=0)        # the first call is at x(T) = z
+    torch.testing.assert_close(states[-1], traced.samples[:3], rtol=0, atol=0)
+    assert times[0] == pytest.approx(sde.T) and times[-1] == pytest.approx(1e-3)
+    if solver == "euler_maruyama":
+        assert torch.all(times[1:] <= times[:-1])                              # one evaluation per step, T → eps
+    assert plain.trajectory is None
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_trajectory_must_be_a_count():
+    sde = VPSDE()
+    with pytest.raises(solvers.SolverError, match="trajectory must be a non-negative integer, got -1"):
+        solvers.sample(sde, MixtureScore(sde, ring_mixture()), (5, 2), trajectory=-1, seed=0)

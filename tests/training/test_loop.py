@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import models
 import solvers
 from data_lib import load_dataset
-from models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, export_checkpoint, read_checkpoint, save_checkpoint
 from sde_lib import VPSDE
 from training import TrainingError, train
 import training.loop as loop_module
+from tasks_lib import compose
 from training.ema import EMA
 from training.loop import learning_rate
 
@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
     "task=train", "seed=0", "device=cpu", "sde=vp", "model=mlp", "model.parameterization=eps",
     "model.net.hidden=32", "model.net.depth=1",
-    "train.batch_size=64", "train.lr=2e-3", "train.warmup=20", "train.lr_schedule=constant",
-    "train.betas=[0.9,0.999]",
-    "train.weight_decay=0.0", "train.grad_clip=1.0", "train.ema_decay=0.99", "train.loss=dsm",
-    "train.weighting=s2", "train.importance_sampling=false", "train.reduction=mean", "train.eps=1e-5",
-    "train.log_every=10", "train.ckpt_every=10", "train.resume=null",
-    "train.eval.every=0", "train.eval.n_samples=64", "train.eval.n_nll=32",
-    "train.eval.rtol=1e-3", "train.eval.atol=1e-3",
+    "task.batch_size=64", "task.lr=2e-3", "task.warmup=20", "task.lr_schedule=constant",
+    "task.betas=[0.9,0.999]",
+    "task.weight_decay=0.0", "task.grad_clip=1.0", "task.ema_decay=0.99", "task.loss=dsm",
+    "task.weighting=s2", "task.importance_sampling=false", "task.reduction=mean", "task.eps=1e-5",
+    "task.log_every=10", "task.ckpt_every=10", "task.resume=null",
+    "task.eval_every=0", "task.eval_samples=64", "likelihood.n_eval=32",
+    "likelihood.rtol=1e-3", "likelihood.atol=1e-3", "likelihood.divergence=exact",
 ]
 RING = ["data=ring", "data.n_train=512", "data.n_test=128"]
 TINY = COMMON + RING
@@ -53,8 +53,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL
 
 
 def make_cfg(*overrides, base=TINY):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*base, *overrides])
+    return compose(*base, *overrides)
 
 
 def run_train(run_dir: Path, *overrides, base=TINY) -> dict:
@@ -108,7 +107,7 @@ STEPS = 200
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained")
-    overrides = (f"train.steps={STEPS}", "train.ckpt_every=100")
+    overrides = (f"task.steps={STEPS}", "task.ckpt_every=100")
     metrics = run_train(run_dir, *overrides)
     return run_dir, metrics, overrides
 
@@ -162,7 +161,7 @@ def test_load_checkpoint_gives_the_ema_model_ready_for_the_solvers(trained_run):
     assert loaded.sde.hparams() == {"beta_min": cfg.sde.beta_min, "beta_max": cfg.sde.beta_max, "N": cfg.sde.N}
     assert loaded.step == STEPS and loaded.event_shape == (2,)
     assert loaded.data["name"] == "ring" and loaded.data["levels"] is None
-    assert loaded.config["train"]["steps"] == STEPS
+    assert loaded.config["task"]["steps"] == STEPS
     net = loaded.score_fn
     assert not net.training and not any(m.training for m in net.modules())
     assert not any(p.requires_grad for p in net.parameters())
@@ -180,12 +179,26 @@ def test_load_checkpoint_gives_the_ema_model_ready_for_the_solvers(trained_run):
 
 
 def test_resuming_a_finished_run_evaluates_it(trained_run, tmp_path):
-    """Resuming at train.steps trains nothing and reports the checkpoint's metrics (same seeds: same numbers)."""
+    """Resuming at task.steps trains nothing and reports the checkpoint's metrics (same seeds: same numbers)."""
     run_dir, metrics, overrides = trained_run
-    again = run_train(tmp_path, *overrides, f"train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+    again = run_train(tmp_path, *overrides, f"task.resume={run_dir / 'checkpoints' / 'last.pt'}")
     for key in ("test_loss", "test_nll_nats", "kl_nats"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
     assert not (tmp_path / "train_log.csv").exists()
+
+
+def test_an_exported_checkpoint_samples_alike_but_cannot_be_resumed(trained_run, tmp_path):
+    """export_checkpoint keeps spec, EMA, step and config (what models/pretrained/ ships); resuming needs the rest."""
+    run_dir, _, overrides = trained_run
+    exported = tmp_path / "exported.pt"
+    export_checkpoint(run_dir / "checkpoints" / "last.pt", exported)
+    full, slim = models.load_checkpoint(run_dir / "checkpoints" / "last.pt"), models.load_checkpoint(exported)
+    assert_same(slim.score_fn.state_dict(), full.score_fn.state_dict(), "ema")
+    assert (slim.step, slim.config, slim.sde) == (full.step, full.config, full.sde)
+    assert sorted(read_checkpoint(exported)) == ["config", "ema", "format", "model_spec", "step"]
+    assert exported.stat().st_size < 0.4 * (run_dir / "checkpoints" / "last.pt").stat().st_size
+    with pytest.raises(CheckpointError, match="holds the EMA weights only .* resuming needs a training checkpoint"):
+        run_train(tmp_path / "resumed", *overrides[:-1], f"task.steps={2 * STEPS}", f"task.resume={exported}")
 
 
 def test_loading_inconsistent_ema_weights_fails_clearly(trained_run, tmp_path):
@@ -200,9 +213,9 @@ def test_loading_inconsistent_ema_weights_fails_clearly(trained_run, tmp_path):
 # ---- reproducibility and exact resume -------------------------------------------------------
 
 def test_same_seed_same_weights(tmp_path):
-    run_train(tmp_path / "a", "train.steps=30")
-    run_train(tmp_path / "b", "train.steps=30")
-    run_train(tmp_path / "c", "train.steps=30", "seed=1")
+    run_train(tmp_path / "a", "task.steps=30")
+    run_train(tmp_path / "b", "task.steps=30")
+    run_train(tmp_path / "c", "task.steps=30", "seed=1")
     a, b, c = last(tmp_path / "a"), last(tmp_path / "b"), last(tmp_path / "c")
     assert_same_training_state(a, b)
     assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
@@ -211,11 +224,11 @@ def test_same_seed_same_weights(tmp_path):
 def test_exact_resume(tmp_path):
     """k steps, then resume to 2k in another run dir == 2k steps straight, bit for bit."""
     k = 20
-    run_train(tmp_path / "straight", f"train.steps={2 * k}", "train.ckpt_every=10", "train.log_every=5")
-    run_train(tmp_path / "first", f"train.steps={k}", "train.ckpt_every=10", "train.log_every=5")
+    run_train(tmp_path / "straight", f"task.steps={2 * k}", "task.ckpt_every=10", "task.log_every=5")
+    run_train(tmp_path / "first", f"task.steps={k}", "task.ckpt_every=10", "task.log_every=5")
     assert last(tmp_path / "first")["step"] == k
-    run_train(tmp_path / "second", f"train.steps={2 * k}", "train.ckpt_every=10", "train.log_every=5",
-              f"train.resume={tmp_path / 'first' / 'checkpoints' / 'last.pt'}")
+    run_train(tmp_path / "second", f"task.steps={2 * k}", "task.ckpt_every=10", "task.log_every=5",
+              f"task.resume={tmp_path / 'first' / 'checkpoints' / 'last.pt'}")
     straight, resumed = last(tmp_path / "straight"), last(tmp_path / "second")
     assert resumed["step"] == 2 * k
     assert_same_training_state(straight, resumed)
@@ -227,8 +240,8 @@ def test_exact_resume(tmp_path):
 
 
 def test_evaluation_during_training_does_not_perturb_it(tmp_path):
-    run_train(tmp_path / "quiet", "train.steps=30")
-    run_train(tmp_path / "evaluated", "train.steps=30", "train.eval.every=10")
+    run_train(tmp_path / "quiet", "task.steps=30")
+    run_train(tmp_path / "evaluated", "task.steps=30", "task.eval_every=10")
     assert [int(r["step"]) for r in read_csv(tmp_path / "evaluated" / "eval_log.csv")] == [10, 20, 30]
     assert_same_training_state(last(tmp_path / "quiet"), last(tmp_path / "evaluated"))
 
@@ -237,7 +250,7 @@ def _start_and_kill(run_dir: Path, steps: int, ckpt_every: int) -> int:
     """Start a CLI training run, SIGKILL it once last.pt holds step >= ckpt_every; the step of last.pt after."""
     run_dir.mkdir(parents=True)
     stderr = open(run_dir.parent / f"{run_dir.name}.stderr", "w+")      # a file: a full pipe would block the run
-    proc = subprocess.Popen(cli_args(run_dir, f"train.steps={steps}", f"train.ckpt_every={ckpt_every}"),
+    proc = subprocess.Popen(cli_args(run_dir, f"task.steps={steps}", f"task.ckpt_every={ckpt_every}"),
                             stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=ENV)
     path = run_dir / "checkpoints" / "last.pt"
     try:
@@ -271,9 +284,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         pytest.fail("training finished before it could be killed, twice")
     print(f"killed with last.pt at step {step} of {steps}")
     assert step >= ckpt_every and step % ckpt_every == 0
-    run_train(tmp_path / "resumed", f"train.steps={steps}", f"train.ckpt_every={ckpt_every}",
-              f"train.resume={killed / 'checkpoints' / 'last.pt'}")
-    run_train(tmp_path / "straight", f"train.steps={steps}", f"train.ckpt_every={ckpt_every}")
+    run_train(tmp_path / "resumed", f"task.steps={steps}", f"task.ckpt_every={ckpt_every}",
+              f"task.resume={killed / 'checkpoints' / 'last.pt'}")
+    run_train(tmp_path / "straight", f"task.steps={steps}", f"task.ckpt_every={ckpt_every}")
     assert_same_training_state(last(tmp_path / "straight"), last(tmp_path / "resumed"))
 
 
@@ -286,26 +299,26 @@ def _assert_clean_failure(proc: subprocess.CompletedProcess, pattern: str):
 
 
 def test_cli_resume_from_a_missing_checkpoint(tmp_path):
-    proc = run_cli(tmp_path / "run", "train.steps=20", f"train.resume={tmp_path / 'nowhere.pt'}")
+    proc = run_cli(tmp_path / "run", "task.steps=20", f"task.resume={tmp_path / 'nowhere.pt'}")
     _assert_clean_failure(proc, r"no checkpoint at .*nowhere\.pt")
 
 
 def test_cli_resume_from_a_corrupt_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    proc = run_cli(tmp_path / "run", "train.steps=20", f"train.resume={junk}")
+    proc = run_cli(tmp_path / "run", "task.steps=20", f"task.resume={junk}")
     _assert_clean_failure(proc, r"junk\.pt is not a readable checkpoint")
 
 
 def test_cli_resume_with_another_sde(trained_run, tmp_path):
     ckpt = trained_run[0] / "checkpoints" / "last.pt"
-    proc = run_cli(tmp_path / "run", f"train.steps={2 * STEPS}", f"train.resume={ckpt}", "sde=ve")
+    proc = run_cli(tmp_path / "run", f"task.steps={2 * STEPS}", f"task.resume={ckpt}", "sde=ve")
     _assert_clean_failure(proc, r"model_spec .*'class': 'VPSDE'.*but this run asks for .*'class': 'VESDE'")
 
 
 def test_cli_array_data_missing_file(tmp_path):
     base = COMMON + ["data=array", f"data.path={tmp_path / 'absent.npy'}"]
-    proc = run_cli(tmp_path / "run", "train.steps=20", base=base)
+    proc = run_cli(tmp_path / "run", "task.steps=20", base=base)
     _assert_clean_failure(proc, r"file not found: .*absent\.npy")
 
 
@@ -314,18 +327,18 @@ def test_cli_array_data_with_nans(tmp_path):
     x[17, 1] = np.nan
     np.save(tmp_path / "points.npy", x)
     base = COMMON + ["data=array", f"data.path={tmp_path / 'points.npy'}"]
-    proc = run_cli(tmp_path / "run", "train.steps=20", base=base)
+    proc = run_cli(tmp_path / "run", "task.steps=20", base=base)
     _assert_clean_failure(proc, r"points\.npy' holds 1 NaN or inf value\(s\), the first at index \(17, 1\)")
 
 
 def test_cli_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     """Continue a good run with a learning rate that blows the weights up: TrainingError, last.pt untouched."""
     run_dir = tmp_path / "run"
-    run_train(run_dir, "train.steps=20", "train.ckpt_every=10")
+    run_train(run_dir, "task.steps=20", "task.ckpt_every=10")
     path = run_dir / "checkpoints" / "last.pt"
     before, stamp = path.read_bytes(), path.stat().st_mtime_ns
-    proc = run_cli(run_dir, "train.steps=40", "train.ckpt_every=10", "train.lr=1e30", "train.warmup=1",
-                   f"train.resume={path}")
+    proc = run_cli(run_dir, "task.steps=40", "task.ckpt_every=10", "task.lr=1e30", "task.warmup=1",
+                   f"task.resume={path}")
     _assert_clean_failure(proc, rf"became non-finite at step 2[1-9]; the last good checkpoint is kept at {path}")
     assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
     loaded = models.load_checkpoint(path)
@@ -355,7 +368,7 @@ def test_nan_gradient_stops_before_a_checkpoint_gets_nan_weights(tmp_path, monke
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match=rf"\(nan\) became non-finite at step 12; the last good checkpoint is kept at "
                                             rf"{run_dir / 'checkpoints' / 'last.pt'}"):
-        run_train(run_dir, "train.steps=40", "train.ckpt_every=1")
+        run_train(run_dir, "task.steps=40", "task.ckpt_every=1")
     state = last(run_dir)
     assert state["step"] == 11
     for key in ("model", "ema"):
@@ -365,16 +378,16 @@ def test_nan_gradient_stops_before_a_checkpoint_gets_nan_weights(tmp_path, monke
 def test_resume_checks_the_checkpoint_against_the_run(trained_run, tmp_path):
     run_dir, _, overrides = trained_run
     state = last(run_dir)
-    with pytest.raises(CheckpointError, match=f"at step {STEPS}, past train.steps=100"):
-        run_train(tmp_path / "short", "train.steps=100",
-                  f"train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+    with pytest.raises(CheckpointError, match=f"at step {STEPS}, past task.steps=100"):
+        run_train(tmp_path / "short", "task.steps=100",
+                  f"task.resume={run_dir / 'checkpoints' / 'last.pt'}")
     del state["rng"]
     save_checkpoint(tmp_path / "no_rng.pt", state)
-    with pytest.raises(CheckpointError, match="no_rng.pt does not fit this model"):
-        run_train(tmp_path / "no_rng", f"train.steps={2 * STEPS}", f"train.resume={tmp_path / 'no_rng.pt'}")
+    with pytest.raises(CheckpointError, match="no_rng.pt lacks rng, which resuming needs"):
+        run_train(tmp_path / "no_rng", f"task.steps={2 * STEPS}", f"task.resume={tmp_path / 'no_rng.pt'}")
     with pytest.raises(CheckpointError, match="model_spec"):
-        run_train(tmp_path / "wider", f"train.steps={2 * STEPS}", "model.net.hidden=64",
-                  f"train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+        run_train(tmp_path / "wider", f"task.steps={2 * STEPS}", "model.net.hidden=64",
+                  f"task.resume={run_dir / 'checkpoints' / 'last.pt'}")
 
 
 # ---- EMA ------------------------------------------------------------------------------------
@@ -406,8 +419,8 @@ def test_ema_follows_the_warmed_up_decay():
 # ---- learning-rate schedule -----------------------------------------------------------------
 
 def test_learning_rate_warms_up_then_stays_or_follows_the_cosine():
-    constant = make_cfg("train.steps=100", "train.warmup=10").train
-    cosine = make_cfg("train.steps=100", "train.warmup=10", "train.lr_schedule=cosine").train
+    constant = make_cfg("task.steps=100", "task.warmup=10").task
+    cosine = make_cfg("task.steps=100", "task.warmup=10", "task.lr_schedule=cosine").task
     for tc in (constant, cosine):
         assert [learning_rate(s, tc) for s in range(10)] == pytest.approx([2e-3 * (s + 1) / 10 for s in range(10)])
     assert all(learning_rate(s, constant) == 2e-3 for s in range(10, 100))
@@ -418,4 +431,4 @@ def test_learning_rate_warms_up_then_stays_or_follows_the_cosine():
     lrs = [learning_rate(s, cosine) for s in range(10, 100)]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     with pytest.raises(ValueError, match="lr_schedule must be constant or cosine, got 'step'"):
-        learning_rate(50, make_cfg("train.lr_schedule=step").train)
+        learning_rate(50, make_cfg("task.lr_schedule=step").task)
