@@ -1,0 +1,164 @@
+"""Which score model a task uses: a shipped pretrained one, the data's exact score, or a checkpoint.
+
+``ckpt=pretrained`` (the default) picks the model this project trained and ships for the data and
+SDE (``models/pretrained/<data>_<sde>.pt``; ``python scripts/make_pretrained.py`` recreates them).
+``ckpt=exact`` uses the exact score of a Gaussian-mixture data set. ``ckpt=PATH`` loads a training
+checkpoint. A checkpoint brings its own SDE, network and data; settings given on the command line
+apply only where they agree with it (``sde.N``, the number of discretisation steps, is free; data
+of the same shape may replace the training data), and a contradiction is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data_lib import Dataset
+from models import MixtureScore, load_checkpoint
+from sde_lib import SDE
+from training.loop import load_data
+
+__all__ = ["ResolvedModel", "resolve_model", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
+
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
+
+
+@dataclasses.dataclass
+class ResolvedModel:
+    """The score model a task runs on, with its SDE and data.
+
+    Attributes:
+        sde: the SDE to sample and score with (the checkpoint's, with ``sde.N`` if given).
+        score_fn: ``score_fn(x, t)``.
+        data: the data set whose held-out split is scored.
+        source: "pretrained", "exact" or "checkpoint".
+        path: the checkpoint file (None for the exact score).
+        train_steps: training steps of the checkpoint (None for the exact score).
+    """
+
+    sde: SDE
+    score_fn: Callable
+    data: Dataset
+    source: str
+    path: Optional[str] = None
+    train_steps: Optional[int] = None
+
+
+def pretrained_path(data_name: str, sde_choice: str) -> Path:
+    return PRETRAINED_DIR / f"{data_name}_{sde_choice}.pt"
+
+
+def overridden_keys(overrides: Iterable[str]) -> set[str]:
+    """The config keys set by command-line overrides ("sde=ve", "+data.key=x" → {"sde", "data.key"})."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+
+
+def _touches(keys: set[str], group: str) -> bool:
+    return any(k == group or k.startswith(group + ".") for k in keys)
+
+
+def _sde_choice(sde: SDE) -> str:
+    return {"VPSDE": "vp", "subVPSDE": "subvp", "VESDE": "ve"}[type(sde).__name__]
+
+
+def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -> ResolvedModel:
+    """The model ``cfg.ckpt`` names, checked against what the command line asked for.
+
+    Args:
+        cfg: the composed config.
+        overridden: keys the user set (:func:`overridden_keys`); only these can contradict a checkpoint.
+        device: where the model and data go.
+
+    Raises:
+        ValueError: no pretrained model for the data and SDE, data without an exact score, or a
+            command-line setting that contradicts the checkpoint.
+        models.CheckpointError: a missing, corrupt or mismatched checkpoint.
+    """
+    choice = _sde_choice(instantiate(cfg.sde))
+    if cfg.ckpt == "exact":
+        data = load_data(cfg.data, cfg.seed)
+        if data.mixture is None:
+            raise ValueError(f"data={data.name} has no exact score (ring and mix16d have one); use ckpt=pretrained "
+                             "or a checkpoint from task=train.")
+        sde = instantiate(cfg.sde)
+        return ResolvedModel(sde, MixtureScore(sde, data.mixture), data, "exact")
+    if cfg.ckpt == "pretrained":
+        path = pretrained_path(cfg.data.name, choice)
+        if not path.is_file():
+            shipped = sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+            raise ValueError(f"no pretrained model for data={cfg.data.name} with sde={choice} (shipped: "
+                             f"{', '.join(shipped) or 'none'}); train one with `python run.py task=train "
+                             f"data={cfg.data.name} sde={choice}` and pass ckpt=<run dir>/checkpoints/last.pt, or "
+                             "use ckpt=exact on ring or mix16d.")
+        source = "pretrained"
+    else:
+        path, source = Path(cfg.ckpt), "checkpoint"
+    loaded = load_checkpoint(path, device=device)
+    what = f"ckpt={cfg.ckpt}" if source == "checkpoint" else f"the pretrained model {path.name}"
+
+    sde = loaded.sde
+    if _touches(overridden, "sde"):
+        asked = instantiate(cfg.sde)
+        mine = {k: v for k, v in sde.hparams().items() if k != "N"}
+        theirs = {k: v for k, v in asked.hparams().items() if k != "N"}
+        if type(asked) is not type(sde) or mine != theirs:
+            raise ValueError(f"{what} was trained with {type(sde).__name__}({_fmt(mine)}) but the command asks for "
+                             f"{type(asked).__name__}({_fmt(theirs)}); drop the sde override (sde.N may change) or "
+                             "use a model trained with that SDE.")
+        if asked.N != sde.N:
+            sde = sde.with_steps(asked.N)
+    if _touches(overridden, "model"):
+        _check_model(cfg.model, loaded.config.get("model", {}), overridden, what)
+
+    if _touches(overridden, "data"):
+        data = load_data(cfg.data, cfg.seed)
+        if data.event_shape != loaded.event_shape:
+            raise ValueError(f"data={data.name} has samples of shape {data.event_shape}, but {what} models shape "
+                             f"{loaded.event_shape}; drop the data override or use a model trained on such data.")
+    else:
+        trained = OmegaConf.create(loaded.config)
+        data = load_data(trained.data, trained.seed)
+    return ResolvedModel(sde, loaded.score_fn, data, source, str(path), loaded.step)
+
+
+def _fmt(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _check_model(asked: DictConfig, trained: dict, keys: set[str], what: str) -> None:
+    """Refuse model settings of the command line (``keys``) that differ from the network the checkpoint holds.
+
+    ``model=<kind>`` compares every field, ``model.<field>=...`` that field. A field the training
+    config lacks was the constructor's default, which the schema holds.
+    """
+    from tasks_lib.schema import model_schema
+
+    trained_kind = trained.get("kind")
+    if "model" in keys or asked.kind != trained_kind:
+        fields = ["kind"] if asked.kind != trained_kind else _leaves(OmegaConf.to_container(asked, resolve=True))
+    else:
+        fields = [k[len("model."):] for k in keys if k.startswith("model.")]
+    baseline = OmegaConf.merge(OmegaConf.structured(model_schema(trained_kind)), trained) if trained_kind else None
+    differ = [f for f in fields
+              if baseline is None or _plain(OmegaConf.select(asked, f)) != _plain(OmegaConf.select(baseline, f))]
+    if differ:
+        shown = ", ".join(f"model.{k}" for k in differ)
+        raise ValueError(f"{what} holds a different network ({shown} differ from the command line's); the "
+                         "checkpoint's network applies: drop the model override.")
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _plain(value):
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,37 @@
+"""The lines a run prints at its end."""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["summary"]
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """A few lines a person reads: what was drawn or trained, at what cost, and how good it is."""
+    task = metrics["task"]
+    if task == "train":
+        lines = [f"trained {metrics['model']} on {metrics['data']} with {metrics['sde']} for {metrics['steps']} steps: "
+                 f"test loss {metrics['test_loss']:.4f}, test NLL {metrics['test_nll_nats']:.4f} nats, "
+                 f"{metrics['test_bpd']:.4f} bits/dim"]
+        if "kl_nats" in metrics:
+            lines.append(f"exact NLL of the same points {metrics['data_nll_nats']:.4f} nats: "
+                         f"KL(data || model) ~ {metrics['kl_nats']:.4f} nats")
+        return "\n".join(lines)
+    if task == "compare":
+        return f"compared {metrics['n_rows']} sampler x budget runs on {metrics['data']} ({metrics['model']} model)"
+    lines = [f"{metrics['sde']} on {metrics['data']}, {metrics['model']} model"]
+    if task == "sample":
+        lines.append(f"{metrics['solver']}: {metrics['n_samples']} samples, {metrics['nfe']} NFE, "
+                     f"{metrics['sample_seconds']:.2f} s; sliced W1 to held-out data {metrics['swd']:.4f} "
+                     f"(two held-out sets: {metrics['swd_floor']:.4f})")
+        if "mode_weight_error" in metrics:
+            lines[-1] += (f"; mode weights off by at most {metrics['mode_weight_error']:.3f}, "
+                          f"spread {metrics['mode_spread_ratio']:.3f}x the data's")
+    if "nll_nats" in metrics:
+        line = (f"test NLL {metrics['nll_nats']:.4f} +- {metrics['nll_stderr_nats']:.4f} nats, "
+                f"{metrics['bpd']:.4f} bits/dim ({metrics['n_eval']} points, {metrics['likelihood_nfe']} NFE, "
+                f"{metrics['likelihood_seconds']:.2f} s)")
+        if "nll_exact_nats" in metrics:
+            line += f"; exact NLL {metrics['nll_exact_nats']:.4f}: KL(data || model) ~ {metrics['kl_nats']:.4f} nats"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Typed schemas for every config group, registered in hydra's ConfigStore.
+
+A misspelt key or a value of the wrong type then fails when hydra composes the config, with
+hydra's own message, before anything runs. The schemas of the library groups are generated from
+the library's own declarations, so a hyperparameter is declared (and documented) once:
+
+- ``sde/<name>``: the SDE class's constructor signature (``sde_lib``);
+- ``solver/<name>``: the solver's ``Options`` dataclass (``solvers``);
+- ``data/<name>``: the data set's options dataclass (``data_lib``);
+- ``model/<kind>``: the network's constructor signature (``models``);
+- ``task/<name>``: :class:`SampleTask`, :class:`LikelihoodTask`, :class:`CompareTask` below and
+  ``training.TrainConfig``; the top level is :class:`Config`.
+
+Each ``conf/<group>/<choice>.yaml`` starts from its schema (``defaults: [/schema/<group>/<choice>@_here_]``),
+so the schemas are not choices of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+import sde_lib
+import solvers
+from data_lib.load import _LOADERS
+from models.networks import NETWORKS
+from training.config import TrainConfig
+
+__all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "register_configs",
+           "SDE_CHOICES", "TASKS"]
+
+SDE_CHOICES = {"vp": sde_lib.VPSDE, "subvp": sde_lib.subVPSDE, "ve": sde_lib.VESDE}
+
+
+@dataclasses.dataclass
+class LikelihoodConfig:
+    """How test log-likelihoods are computed, by every task that reports one (``solvers.log_likelihood``)."""
+
+    n_eval: int = 1000          # test points whose log-likelihood is computed
+    eps: float = 1e-5           # the time the data sit at (the ODE runs from eps to T)
+    rtol: float = 1e-5          # adaptive ODE tolerances (per-sample error control)
+    atol: float = 1e-5
+    divergence: str = "auto"    # exact (D VJPs, vectorised), hutchinson (unbiased, K probes), auto: exact up to 32 dims
+    probes: int = 1             # Hutchinson probes per point
+
+
+@dataclasses.dataclass
+class SampleTask:
+    """``task=sample``: draw samples with the chosen SDE and solver, then score held-out data."""
+
+    name: str = "sample"
+    n_samples: int = 5000       # samples to draw
+    eps: Optional[float] = None  # final time of sampling; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
+    trajectories: int = 8       # paths drawn in trajectories.png (0: none)
+    likelihood: bool = True     # also the ODE log-likelihood of likelihood.n_eval test points
+
+
+@dataclasses.dataclass
+class LikelihoodTask:
+    """``task=likelihood``: the ODE log-likelihood (nats, bits/dim) of held-out data."""
+
+    name: str = "likelihood"
+
+
+@dataclasses.dataclass
+class CompareTask:
+    """``task=compare``: several samplers at several NFE budgets from the same noise, in one table."""
+
+    name: str = "compare"
+    samplers: List[str] = dataclasses.field(default_factory=lambda: [
+        "ancestral", "euler_maruyama", "pc", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
+    budgets: List[int] = dataclasses.field(default_factory=lambda: [10, 20, 50, 100, 200])  # NFE per sample
+    n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
+    eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
+    reference_rtol: float = 1e-7  # tolerance of the dopri5 PF-ODE solution the ODE samplers are measured against
+
+
+TASKS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig}
+
+
+@dataclasses.dataclass
+class Config:
+    """The top level of ``conf/config.yaml``; the groups (sde, solver, data, model, task) have schemas of their own."""
+
+    sde: Any = MISSING
+    solver: Any = MISSING
+    data: Any = MISSING
+    model: Any = MISSING
+    task: Any = MISSING
+    ckpt: str = "pretrained"    # the model: pretrained (shipped, per data and SDE), exact (the data's exact score), or a checkpoint path
+    seed: int = 0               # seeds every draw: the same seed gives the same samples and the same training run
+    device: str = "cpu"         # cpu, cuda, cuda:1, ...
+    dtype: str = "float32"      # float32 or float64 (sampling and likelihood)
+    likelihood: LikelihoodConfig = dataclasses.field(default_factory=LikelihoodConfig)
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """The nearest type OmegaConf can check: Literals are strings, tuples lists, other unions untyped."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return type(args[0]) if len({type(a) for a in args}) == 1 else Any
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = _omegaconf_type(rest[0]) if len(rest) == 1 else Any
+        return Optional[inner] if len(rest) < len(args) and inner is not Any else inner
+    if origin in (tuple, list):
+        elems = {a for a in args if a is not Ellipsis}
+        return List[_omegaconf_type(elems.pop())] if len(elems) == 1 else List[Any]
+    if annotation in (int, float, bool, str):
+        return annotation
+    return Any
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+        return dataclasses.field(default_factory=lambda: list(items))
+    return value
+
+
+def _schema(name: str, fields: list[tuple[str, Any, Any]]) -> type:
+    return dataclasses.make_dataclass(name, [(n, t, _default(d)) for n, t, d in fields])
+
+
+def _signature_fields(fn, skip: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(fn)
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in ("self", *skip) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = MISSING if p.default is p.empty else p.default
+        out.append((p.name, _omegaconf_type(hints.get(p.name, Any)), default))
+    return out
+
+
+def _dataclass_fields(cls) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f.name, _omegaconf_type(hints[f.name]),
+             f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)]
+
+
+def sde_schema(choice: str) -> type:
+    cls = SDE_CHOICES[choice]
+    return _schema(f"{cls.__name__}Config", [("_target_", str, f"sde_lib.{cls.__name__}"),
+                                             *_signature_fields(cls.__init__, ())])
+
+
+def solver_schema(name: str) -> type:
+    options = _schema(f"{name}_options", _dataclass_fields(solvers.get_solver(name).Options))
+    return _schema(f"{name}_solver", [("name", str, name), ("steps", Optional[int], None),
+                                      ("options", options, dataclasses.field(default_factory=options))])
+
+
+def data_schema(name: str) -> type:
+    options_cls, _ = _LOADERS[name]
+    return _schema(f"{name}_data", [("name", str, name), ("n_train", int, 50_000), ("n_test", int, 5_000),
+                                    *_dataclass_fields(options_cls)])
+
+
+def model_schema(kind: str) -> type:
+    derived = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}[kind]
+    net = _schema(f"{kind}_net", _signature_fields(NETWORKS[kind].__init__, derived))
+    return _schema(f"{kind}_model", [("kind", str, kind), ("parameterization", str, "x0"),
+                                     ("time_input", str, "log_snr"),
+                                     ("net", net, dataclasses.field(default_factory=net))])
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Store every schema in hydra's ConfigStore (idempotent); call before composing ``conf/``."""
+    global _registered
+    if _registered:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for choice in SDE_CHOICES:
+        cs.store(group="schema/sde", name=choice, node=sde_schema(choice))
+    for name in solvers.available():
+        cs.store(group="schema/solver", name=name, node=solver_schema(name))
+    for name in _LOADERS:
+        cs.store(group="schema/data", name=name, node=data_schema(name))
+    for kind in NETWORKS:
+        cs.store(group="schema/model", name=kind, node=model_schema(kind))
+    for name, node in TASKS.items():
+        cs.store(group="schema/task", name=name, node=node)
+    _registered = True
