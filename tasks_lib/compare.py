@@ -3,8 +3,9 @@
 Every sampler starts from the same z (and the stochastic ones share the seed of their noise).
 Rows report NFE as counted, wall time, the RMS distance to a tight adaptive PF-ODE solution
 from the same z (deterministic samplers only: that is the flow they approximate), the sliced
-Wasserstein distance to held-out data, and for the ODE samplers the test NLL computed with the
-same integrator and budget.
+Wasserstein distance to held-out data, for the ODE samplers the test NLL computed with the same
+integrator and budget, and for ancestral sampling the variational bound of the same N-step chain:
+the discrete model's likelihood beside the continuous one.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import solvers
+from data_lib import dequantize
 from solvers.base import resolve_eps
 from tasks_lib.metrics import sliced_wasserstein
 from tasks_lib.model_source import resolve_model
@@ -43,6 +45,7 @@ SAMPLERS: dict[str, Sampler] = {
     "euler_maruyama": Sampler("euler_maruyama", label="reverse SDE, Euler-Maruyama"),
     "pc": Sampler("pc", nfe_per_step=2, label="predictor-corrector (reverse diffusion + Langevin)"),
     "ald": Sampler("ald", nfe_per_step=1, label="annealed Langevin dynamics"),
+    "ddim": Sampler("ddim", label="DDIM (eta = 0): PF-ODE, first-order exponential integrator"),
     "pf_ode_euler": Sampler("pf_ode", {"method": "euler"}, 1, "PF-ODE, Euler"),
     "pf_ode_midpoint": Sampler("pf_ode", {"method": "midpoint"}, 2, "PF-ODE, midpoint"),
     "pf_ode_rk4": Sampler("pf_ode", {"method": "rk4"}, 4, "PF-ODE, RK4"),
@@ -80,6 +83,8 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     test = data.test
     lc = cfg.likelihood
     x_eval = test[:lc.n_eval].to(device=device, dtype=dtype)
+    x_scored = dequantize(x_eval, data.levels, data.data_range, torch.Generator(device=x_eval.device).manual_seed(
+        cfg.seed + 11)) if data.levels is not None else x_eval
     floor = sliced_wasserstein(data.train[:tc.n_samples], test, seed=cfg.seed)
     exact_nll = None
     if data.mixture is not None and data.levels is None:
@@ -100,21 +105,32 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
             continue
         samples = result.samples
         row.update(nfe=result.nfe, seconds=result.seconds, swd=sliced_wasserstein(samples, test, seed=cfg.seed))
-        if entry.solver == "pf_ode":
+        if entry.solver in ("pf_ode", "ddim"):
             row["ode_error_rms"] = (samples - reference.samples).flatten(1).pow(2).sum(1).mean().sqrt().item()
+        if entry.solver == "pf_ode":
             lik_options = {"method": options["method"], "steps": steps} if steps else {"rtol": extra["rtol"],
                                                                                         "atol": extra["atol"]}
             lik, _ = data_log_likelihood(sde, model.score_fn, data, x_eval, cfg.seed, eps=lc.eps,
                                          divergence=lc.divergence, probes=lc.probes, **lik_options)
             row["nll_nats"] = -lik.logp.double().mean().item()
             row["bpd"] = lik.bpd.double().mean().item()
+        if entry.solver == "ancestral":
+            # The model as a discrete chain of the row's N steps: DDPM's variational bound (MATH.md §7).
+            try:
+                bound = solvers.variational_bound(sde.with_steps(steps), model.score_fn, x_scored, seed=cfg.seed,
+                                                  variance=options.get("variance"), levels=data.levels,
+                                                  data_range=data.data_range)
+                row["bound_nats"] = bound.nll.double().mean().item()
+                row["bound_bpd"] = bound.bpd.double().mean().item()
+            except solvers.SolverError as err:  # sub-VP's chain has a noiseless first step
+                row["note"] = f"no bound: {err}"
         if data.mixture is not None:
             row["mode_weight_error"] = data.mixture.mode_report(samples)[0]
         rows.append(row)
 
     files.write_config(cfg, model)
     columns = ["sampler", "steps", "tolerance", "nfe", "seconds", "ode_error_rms", "swd", "mode_weight_error",
-               "nll_nats", "bpd", "note"]
+               "nll_nats", "bpd", "bound_nats", "bound_bpd", "note"]
     with open(files.path("compare.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -142,7 +158,8 @@ def _markdown(rows, columns, cfg, model, floor: float, reference_nfe: int, exact
             f"ode_error_rms: RMS distance to the dopri5 PF-ODE solution at rtol = atol = {cfg.task.reference_rtol} "
             f"({reference_nfe} NFE) from the same noise. swd: sliced Wasserstein-1 distance to held-out data "
             f"(two held-out sets of this size: {floor:.3g}). nll_nats: test NLL through the ODE with the row's "
-            f"integrator and budget ({cfg.likelihood.n_eval} points"
+            f"integrator and budget, bound_nats: the variational bound of the row's N-step chain (DDPM's L, one draw per "
+            f"step; {cfg.likelihood.n_eval} points"
             + (f"; their exact NLL: {exact_nll:.4f}" if exact_nll is not None else "") + ").\n\n")
     shown = [c for c in columns if any(r.get(c, "") != "" for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]

@@ -73,7 +73,7 @@ class CompareTask:
 
     name: str = "compare"
     samplers: List[str] = dataclasses.field(default_factory=lambda: [
-        "ancestral", "euler_maruyama", "pc", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
+        "ancestral", "euler_maruyama", "pc", "ddim", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
     budgets: List[int] = dataclasses.field(default_factory=lambda: [10, 20, 50, 100, 200])  # NFE per sample
     n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
     eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
