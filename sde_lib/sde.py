@@ -221,33 +221,6 @@ class ReverseSDE:
         drift = f - weight * g2 * score
         return drift, torch.zeros_like(g) if self.probability_flow else g
 
-    def chain_marginals(self) -> tuple[Tensor, Tensor]:
-        """(A_i, m_i), i = 0..N−1, in float64: x_i | x_{−1} ~ N(A_i x_{−1}, m_i I) along the chain.
-
-        A_i = a_0 ⋯ a_i and m_i = a_i² m_{i−1} + v_i (m_{−1} = 0); for DDPM √ᾱ_i and 1 − ᾱ_i.
-        """
-        a, v = self.discrete_chain()
-        m = torch.empty_like(v)
-        prev = 0.0
-        for i in range(len(v)):
-            prev = a[i] ** 2 * prev + v[i]
-            m[i] = prev
-        return torch.cumprod(a, 0), m
-
-    def chain_times(self) -> Tensor:
-        """The time of each chain index, matched by noise level: λ(t_i) = log(A_i/√m_i) (float64, (N,)).
-
-        This is the explicit map between a discrete model's index i and continuous time: at t_i
-        the SDE's marginal has the chain's signal-to-noise ratio. For VE it is NCSN's t_i = i/(N−1);
-        for VP it is close to (i + 1)/N (DDPM's x_1 has the noise of t ≈ 1/N, not of t = 0).
-        A chain step without noise (m_i = 0, sub-VP's first) maps to t = 0.
-        """
-        A, m = self.chain_marginals()
-        with torch.no_grad():
-            lam = torch.log(A) - 0.5 * torch.log(m)
-            t = self.t_from_half_log_snr(lam.clamp(max=1e6))
-        return torch.where(m > 0, t, torch.zeros_like(t)).clamp(0.0, self.T)
-
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One chain step of the reverse process: (rev_f, rev_G) = (f − G² s_θ (× ½ for the PF-ODE), G or 0).
 
@@ -357,33 +330,6 @@ class subVPSDE(_VPFamily):
     def discrete_chain(self) -> tuple[Tensor, Tensor]:
         t = self._discrete_times()
         return 1 + self.drift_coeff(t) / self.N, self.diffusion_sq(t) / self.N
-
-    def chain_marginals(self) -> tuple[Tensor, Tensor]:
-        """(A_i, m_i), i = 0..N−1, in float64: x_i | x_{−1} ~ N(A_i x_{−1}, m_i I) along the chain.
-
-        A_i = a_0 ⋯ a_i and m_i = a_i² m_{i−1} + v_i (m_{−1} = 0); for DDPM √ᾱ_i and 1 − ᾱ_i.
-        """
-        a, v = self.discrete_chain()
-        m = torch.empty_like(v)
-        prev = 0.0
-        for i in range(len(v)):
-            prev = a[i] ** 2 * prev + v[i]
-            m[i] = prev
-        return torch.cumprod(a, 0), m
-
-    def chain_times(self) -> Tensor:
-        """The time of each chain index, matched by noise level: λ(t_i) = log(A_i/√m_i) (float64, (N,)).
-
-        This is the explicit map between a discrete model's index i and continuous time: at t_i
-        the SDE's marginal has the chain's signal-to-noise ratio. For VE it is NCSN's t_i = i/(N−1);
-        for VP it is close to (i + 1)/N (DDPM's x_1 has the noise of t ≈ 1/N, not of t = 0).
-        A chain step without noise (m_i = 0, sub-VP's first) maps to t = 0.
-        """
-        A, m = self.chain_marginals()
-        with torch.no_grad():
-            lam = torch.log(A) - 0.5 * torch.log(m)
-            t = self.t_from_half_log_snr(lam.clamp(max=1e6))
-        return torch.where(m > 0, t, torch.zeros_like(t)).clamp(0.0, self.T)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Euler–Maruyama at the continuous t: f = f(t) x/N, G = g(t)/√N (the chain's step off the grid)."""
