@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tasks_lib.compare import compare_task
 from tasks_lib.model_source import ResolvedModel, overridden_keys, resolve_model
 from tasks_lib.report import summary
 from tasks_lib.sample import likelihood_task, sample_task
@@ -29,11 +30,6 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
         raise ValueError(f"ckpt={cfg.ckpt} does not apply to task=train; continue a run with "
                          "task.resume=<run dir>/checkpoints/last.pt, or drop ckpt.")
     return train(cfg, run_dir)
-
-
-def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
-    from tasks_lib.compare import compare_task as run
-    return run(cfg, run_dir, overridden)
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task}

@@ -19,12 +19,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import solvers
-from data_lib import dequantize
 from solvers.base import resolve_eps
 from tasks_lib.metrics import sliced_wasserstein
 from tasks_lib.model_source import resolve_model
 from tasks_lib.sample import RunFiles, dtype_of
-from training.loop import data_log_likelihood
+from training.loop import data_log_likelihood, scored_points
 
 __all__ = ["SAMPLERS", "Sampler", "compare_task"]
 
@@ -83,8 +82,7 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     test = data.test
     lc = cfg.likelihood
     x_eval = test[:lc.n_eval].to(device=device, dtype=dtype)
-    x_scored = dequantize(x_eval, data.levels, data.data_range, torch.Generator(device=x_eval.device).manual_seed(
-        cfg.seed + 11)) if data.levels is not None else x_eval
+    x_scored = scored_points(data, x_eval, cfg.seed)      # what data_log_likelihood scores, for the bound
     floor = sliced_wasserstein(data.train[:tc.n_samples], test, seed=cfg.seed)
     exact_nll = None
     if data.mixture is not None and data.levels is None:

@@ -1,7 +1,7 @@
 """Which score model a task uses: a shipped pretrained one, the data's exact score, or a checkpoint.
 
 ``ckpt=pretrained`` (the default) picks the model this project trained and ships for the data and
-SDE (``models/pretrained/<data>_<sde>.pt``; ``python scripts/make_pretrained.py`` recreates them).
+SDE (``models/pretrained/<data>_<sde>.pt``; ``python benchmarks/train_quality.py --export`` recreates them).
 ``ckpt=exact`` uses the exact score of a Gaussian-mixture data set. ``ckpt=PATH`` loads a training
 checkpoint. A checkpoint brings its own SDE, network and data; settings given on the command line
 apply only where they agree with it (``sde.N``, the number of discretisation steps, is free; data
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_lib import Dataset
 from models import MixtureScore, load_checkpoint
 from sde_lib import SDE
+from tasks_lib.schema import SDE_CHOICES, model_schema
 from training.loop import load_data
 
 __all__ = ["ResolvedModel", "resolve_model", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
@@ -61,10 +62,6 @@ def _touches(keys: set[str], group: str) -> bool:
     return any(k == group or k.startswith(group + ".") for k in keys)
 
 
-def _sde_choice(sde: SDE) -> str:
-    return {"VPSDE": "vp", "subVPSDE": "subvp", "VESDE": "ve"}[type(sde).__name__]
-
-
 def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -> ResolvedModel:
     """The model ``cfg.ckpt`` names, checked against what the command line asked for.
 
@@ -78,14 +75,14 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
             command-line setting that contradicts the checkpoint.
         models.CheckpointError: a missing, corrupt or mismatched checkpoint.
     """
-    choice = _sde_choice(instantiate(cfg.sde))
+    asked = instantiate(cfg.sde)
+    choice = next(name for name, cls in SDE_CHOICES.items() if type(asked) is cls)
     if cfg.ckpt == "exact":
         data = load_data(cfg.data, cfg.seed)
         if data.mixture is None:
             raise ValueError(f"data={data.name} has no exact score (ring and mix16d have one); use ckpt=pretrained "
                              "or a checkpoint from task=train.")
-        sde = instantiate(cfg.sde)
-        return ResolvedModel(sde, MixtureScore(sde, data.mixture), data, "exact")
+        return ResolvedModel(asked, MixtureScore(asked, data.mixture), data, "exact")
     if cfg.ckpt == "pretrained":
         path = pretrained_path(cfg.data.name, choice)
         if not path.is_file():
@@ -102,7 +99,6 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
 
     sde = loaded.sde
     if _touches(overridden, "sde"):
-        asked = instantiate(cfg.sde)
         mine = {k: v for k, v in sde.hparams().items() if k != "N"}
         theirs = {k: v for k, v in asked.hparams().items() if k != "N"}
         if type(asked) is not type(sde) or mine != theirs:
@@ -135,8 +131,6 @@ def _check_model(asked: DictConfig, trained: dict, keys: set[str], what: str) ->
     ``model=<kind>`` compares every field, ``model.<field>=...`` that field. A field the training
     config lacks was the constructor's default, which the schema holds.
     """
-    from tasks_lib.schema import model_schema
-
     trained_kind = trained.get("kind")
     if "model" in keys or asked.kind != trained_kind:
         fields = ["kind"] if asked.kind != trained_kind else _leaves(OmegaConf.to_container(asked, resolve=True))

@@ -32,7 +32,7 @@ from models.networks import NETWORKS
 from training.config import TrainConfig
 
 __all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "register_configs",
-           "SDE_CHOICES", "TASKS"]
+           "SDE_CHOICES", "TASK_SCHEMAS"]
 
 SDE_CHOICES = {"vp": sde_lib.VPSDE, "subvp": sde_lib.subVPSDE, "ve": sde_lib.VESDE}
 
@@ -80,7 +80,7 @@ class CompareTask:
     reference_rtol: float = 1e-7  # tolerance of the dopri5 PF-ODE solution the ODE samplers are measured against
 
 
-TASKS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig}
+TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig}
 
 
 @dataclasses.dataclass
@@ -189,6 +189,6 @@ def register_configs() -> None:
         cs.store(group="schema/data", name=name, node=data_schema(name))
     for kind in NETWORKS:
         cs.store(group="schema/model", name=kind, node=model_schema(kind))
-    for name, node in TASKS.items():
+    for name, node in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=node)
     _registered = True

@@ -32,7 +32,7 @@ from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainingError", "load_data", "data_log_likelihood", "model_spec_for", "evaluate", "RunOutput"]
+__all__ = ["train", "TrainingError", "load_data", "scored_points", "data_log_likelihood", "model_spec_for", "evaluate", "RunOutput"]
 
 
 def typed_train_config(train_cfg: DictConfig) -> DictConfig:
@@ -149,6 +149,13 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
 EXACT_DIVERGENCE_MAX_DIM = 32
 
 
+def scored_points(data: Dataset, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The points a likelihood of ``data`` is computed at: x itself, or x dequantised (seeded) if the data are discrete."""
+    if data.levels is None:
+        return x
+    return dequantize(x, data.levels, data.data_range, generator=torch.Generator(device=x.device).manual_seed(seed + 11))
+
+
 def data_log_likelihood(sde, score_fn, data: Dataset, x: torch.Tensor, seed: int, divergence: str = "auto",
                         **options):
     """``solvers.log_likelihood`` of points x of ``data``, dequantised first when the data are discrete.
@@ -161,9 +168,7 @@ def data_log_likelihood(sde, score_fn, data: Dataset, x: torch.Tensor, seed: int
     if divergence == "auto":
         divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     options["divergence"] = divergence
-    if data.levels is not None:
-        x = dequantize(x, data.levels, data.data_range,
-                       generator=torch.Generator(device=x.device).manual_seed(seed + 11))
+    x = scored_points(data, x, seed)
     lik = solvers.log_likelihood(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
                                  **options)
     return lik, x
