@@ -362,7 +362,7 @@ class UNet(nn.Module):
 
 #: What a network's output is taken to be, for ``ScoreModel(parameterization=...)``.
 PARAMETERIZATIONS = ("eps", "score", "x0")
-TIME_INPUTS = ("log_snr", "t")
+TIME_INPUTS = ("log_snr", "t", "index")
 
 
 class ScoreModel(nn.Module):
@@ -385,7 +385,9 @@ class ScoreModel(nn.Module):
     inverse of the std of x_t when the data have per-dimension std σ_data (Karras et al. 2022,
     EDM). This keeps the network's inputs of unit scale for VE, whose x_t reaches std σ_max = 50,
     and is ≈ 1 for VP with σ_data = 1. The network's time input (B,) is ``network_time(t)``: the
-    normalised log-SNR by default (``time_input="log_snr"``), or t itself (``time_input="t"``).
+    normalised log-SNR by default (``time_input="log_snr"``), t itself (``time_input="t"``), or the
+    discrete chain's index (``time_input="index"``): a DDPM/NCSN-style model conditioned on i/(N−1),
+    trained at the integers and evaluated between them through ``sde.chain_position``.
 
     Methods return tensors of the shape of x: ``forward``/``score_fn`` the score, ``eps`` the
     ε-prediction −s·score and ``x0`` Tweedie's estimate (x + s² score)/α, the last two computed
@@ -396,7 +398,7 @@ class ScoreModel(nn.Module):
         sde: the forward SDE (supplies α(t) and s(t)).
         parameterization: one of ``PARAMETERIZATIONS``.
         sigma_data: the data's per-dimension standard deviation assumed by the preconditioning.
-        time_input: "log_snr" (default) or "t", see ``network_time``.
+        time_input: "log_snr" (default), "t" or "index", see ``network_time``.
     """
 
     #: smallest t the log-SNR time input resolves (the likelihood's eps); below it τ stays 0
@@ -424,13 +426,16 @@ class ScoreModel(nn.Module):
                 f"time_input={self.time_input!r}")
 
     def network_time(self, t: Tensor) -> Tensor:
-        """What the network is conditioned on: t, or the normalised log-SNR τ ∈ [0, 1] (0 at t = T_MIN, 1 at T).
+        """What the network is conditioned on: the normalised log-SNR τ ∈ [0, 1] (0 at t = T_MIN, 1 at T),
+        t, or the chain index u(t)/(N−1) ∈ [0, 1], fractional between the chain's times.
 
         τ = (λ(T_MIN) − λ(t))/(λ(T_MIN) − λ(T)) resolves every noise level equally: with t itself,
         t = 1e-5 and t = 1e-3 (noise levels 100× apart for VP) look nearly alike to the embedding.
         """
         if self.time_input == "t":
             return t
+        if self.time_input == "index":
+            return (self.sde.chain_position(t) / (self.sde.N - 1)).to(t.dtype)
         lam = self.sde.half_log_snr(t.clamp_min(self.T_MIN))
         return ((self._lam_hi - lam) / (self._lam_hi - self._lam_lo)).to(t.dtype)
 

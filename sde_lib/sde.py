@@ -118,11 +118,36 @@ class SDE(abc.ABC):
         return i.clamp(0, self.N - 1)
 
     def chain_coeffs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The chain step at time t, as tensors (B,) in the dtype and on the device of ``like``.
+        """The chain step whose index is ``chain_index(t)``, as (a_i, v_i, m_i) tensors (B,) like ``like``.
 
-        Returns (a_i, v_i, m_i) with x_i = a_i x_{i−1} + √v_i z and m_i the chain's own marginal
-        variance, m_i = a_i² m_{i−1} + v_i, m_{−1} = 0 (1 − ᾱ_i for DDPM, σ_i² for NCSN).
+        x_i = a_i x_{i−1} + √v_i z and m_i is the chain's own marginal variance, m_i = a_i² m_{i−1} + v_i,
+        m_{−1} = 0 (1 − ᾱ_i for DDPM, σ_i² for NCSN). This is the reference code's lookup by time;
+        samplers that walk the chain use ``chain_step`` with the index itself.
         """
+        table = self.chain_table(like)
+        return tuple(table[:3, self.chain_index(t).to(like.device)])
+
+    def chain_step(self, i: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(a_i, v_i, m_i) of chain index i, each of shape (B,) in the dtype and on the device of ``like``."""
+        table = self.chain_table(like)
+        return tuple(table[:3, i, None].expand(3, like.shape[0]))
+
+    def chain_position(self, t: Tensor) -> Tensor:
+        """The fractional chain index u(t) ∈ [0, N−1]: linear between the knots ``chain_times()[i] ↦ i``.
+
+        The inverse of ``chain_times`` with interpolation between indices, so that a model conditioned
+        on the chain index (trained only at integers) can be evaluated at any t. Clamped to [0, N−1]
+        outside the chain's times: below the chain's first noise level the model knows nothing finer.
+        """
+        t = _as_tensor(t)
+        knots = self.chain_table(t)[3]
+        hi = torch.searchsorted(knots, t.contiguous().clamp(knots[0], knots[-1]), right=True).clamp(1, self.N - 1)
+        t0, t1 = knots[hi - 1], knots[hi]
+        frac = ((t - t0) / (t1 - t0).clamp_min(torch.finfo(t.dtype).tiny)).clamp(0.0, 1.0)
+        return (hi - 1).to(t.dtype) + frac
+
+    def chain_table(self, like: Tensor) -> Tensor:
+        """(a, v, m, chain_times) stacked, (4, N), cached per device and dtype; checks the chain is valid."""
         key = (like.device, like.dtype)
         cache = self.__dict__.setdefault("_chain_cache", {})
         if key not in cache:
@@ -132,8 +157,8 @@ class SDE(abc.ABC):
                                  f"β_max/N >= 1 for VP): use more steps, or a continuous-time solver "
                                  f"(euler_maruyama, pf_ode).")
             _, m = self.chain_marginals()
-            cache[key] = torch.stack([a, v, m]).to(device=like.device, dtype=like.dtype)
-        return tuple(cache[key][:, self.chain_index(t).to(like.device)])
+            cache[key] = torch.stack([a, v, m, self.chain_times()]).to(device=like.device, dtype=like.dtype)
+        return cache[key]
 
     def chain_marginals(self) -> tuple[Tensor, Tensor]:
         """(A_i, m_i), i = 0..N−1, in float64: x_i | x_{−1} ~ N(A_i x_{−1}, m_i I) along the chain.
@@ -154,13 +179,15 @@ class SDE(abc.ABC):
         This is the explicit map between a discrete model's index i and continuous time: at t_i
         the SDE's marginal has the chain's signal-to-noise ratio. For VE it is NCSN's t_i = i/(N−1);
         for VP it is close to (i + 1)/N (DDPM's x_1 has the noise of t ≈ 1/N, not of t = 0).
-        A chain step without noise (m_i = 0, sub-VP's first) maps to t = 0.
+        A chain step without noise (m_i = 0, sub-VP's first) maps to t = 0. The last few VP indices
+        lie just beyond T (DDPM's ᾱ_N is a little below α(T)²: log(1 − β) < −β); the SDE's schedules
+        read any t > T as T.
         """
         A, m = self.chain_marginals()
         with torch.no_grad():
             lam = torch.log(A) - 0.5 * torch.log(m)
             t = self.t_from_half_log_snr(lam.clamp(max=1e6))
-        return torch.where(m > 0, t, torch.zeros_like(t)).clamp(0.0, self.T)
+        return torch.where(m > 0, t, torch.zeros_like(t)).clamp_min(0.0)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One step of the forward chain at time t: x_{i+1} = x_i + f + G z, returns (f, G (B,))."""

@@ -151,6 +151,10 @@ class Solver:
             raise SolverError(f"solver '{cls.name}' does not support {type(sde).__name__} (it supports {names}); "
                               f"solvers that do: {', '.join(works)}.")
 
+    def end_time(self, eps: float) -> float:
+        """The time the returned samples belong to: eps, or 0 for samplers that walk the chain to its data."""
+        return eps
+
     def default_steps(self, sde: SDE) -> int | None:
         return sde.N
 
@@ -245,7 +249,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
         solver: a name from :func:`available`.
         steps: the number of steps (default: ``sde.N`` for the discrete samplers, the fixed-grid
             ODE methods' own default; adaptive ODE methods take rtol/atol instead).
-        eps: the final time (None: 1e-3 for VP and sub-VP, 1e-5 for VE).
+        eps: the final time (None: 1e-3 for VP and sub-VP, 1e-5 for VE). Samplers that walk the
+            discrete chain (ancestral, reverse_diffusion, pc, ald) end where the chain ends instead.
         z: the starting prior noise (B, ...); drawn from the seed when None.
         seed: seed of all noise; the same seed gives the same samples, and sample b's noise
             depends only on (seed, index_offset + b). None draws one from torch's global RNG.
@@ -296,6 +301,6 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
     check_finite(x, f"the samples of solver '{solver}'")
     path = None
     if trajectory:
-        visited = [*score.visited, (eps, x[:trajectory].detach().clone())]
-        path = (torch.tensor([t for t, _ in visited]), torch.stack([v for _, v in visited]))
+        visited = [*score.visited, (instance.end_time(eps), x[:trajectory].detach().clone())]
+        path = (torch.tensor([t for t, _ in visited], dtype=torch.float64), torch.stack([v for _, v in visited]))
     return SampleResult(samples=x, nfe=score.nfe, seconds=seconds, solver=solver, seed=seed, z=z, trajectory=path)

@@ -1,14 +1,15 @@
 """Reverse-time SDE samplers: predictors, correctors and the predictor–corrector loop (MATH.md §3–§4).
 
-Every sampler here is one loop over the grid t_0 = T > … > t_{N−1} = eps: at each t_i, the
-corrector's Langevin steps, then one predictor step towards t_{i+1} (t_N = 0). Predictors and
+Every sampler here is one loop over steps from t = T downwards: at each, the corrector's Langevin
+steps, then one predictor step to the next. Samplers that read the discrete chain walk its indices
+at their noise-matched times (``sde.chain_times()``); Euler–Maruyama walks a uniform grid to eps. Predictors and
 correctors are short functions in the papers' notation; each returns (x, x_mean), x_mean being
 the update without its noise, which the optional final denoising step returns.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 
@@ -18,7 +19,7 @@ from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
 
-__all__ = ["PREDICTORS", "CORRECTORS", "EulerMaruyama", "ReverseDiffusion", "Ancestral", "PredictorCorrector",
+__all__ = ["Step", "PREDICTORS", "CORRECTORS", "EulerMaruyama", "ReverseDiffusion", "Ancestral", "PredictorCorrector",
            "AnnealedLangevin"]
 
 
@@ -26,29 +27,42 @@ def _per_sample_norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1)
 
 
-# ---- predictors: (sde, score, x, t, t_next, noise, opts) -> (x, x_mean) ----------------------------
+class Step(NamedTuple):
+    """Where one loop iteration is: the score's time t (B,), the next time t_next (B,), and on the
+    discrete chain the index i (None for a time grid without a chain)."""
 
-def euler_maruyama_predictor(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, t_next: Tensor,
-                             noise: NoiseSource, opts) -> tuple[Tensor, Tensor]:
+    t: Tensor
+    t_next: Tensor
+    i: Optional[int]
+
+
+# ---- predictors: (sde, score, x, step, noise, opts) -> (x, x_mean) ---------------------------------
+
+def euler_maruyama_predictor(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
+                             opts) -> tuple[Tensor, Tensor]:
     """Euler–Maruyama on the reverse SDE: x ← x − [f − g² s_θ] Δt + g √Δt z, Δt = t − t_next > 0."""
-    dt = batch_broadcast(t - t_next, x)
-    drift, g = sde.reverse(score).sde(x, t)
+    dt = batch_broadcast(step.t - step.t_next, x)
+    drift, g = sde.reverse(score).sde(x, step.t)
     x_mean = x - drift * dt
     z = noise.normal(x.shape, x.dtype, x.device)
     return x_mean + batch_broadcast(g, x) * dt.sqrt() * z, x_mean
 
 
-def reverse_diffusion_predictor(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, t_next: Tensor,
-                                noise: NoiseSource, opts) -> tuple[Tensor, Tensor]:
-    """Reverse of the forward chain x_{i+1} = x_i + f_i + G_i z: x ← x − f_i + G_i² s_θ + G_i z."""
-    rev_f, G = sde.reverse(score).discretize(x, t)
-    x_mean = x - rev_f
+def reverse_diffusion_predictor(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
+                                opts) -> tuple[Tensor, Tensor]:
+    """Reverse of the forward chain step x_i = a_i x_{i−1} + √v_i z: x ← x − (a_i − 1) x + v_i s_θ + √v_i z.
+
+    This is ``sde.reverse(score).discretize`` at chain index i: the forward step's drift
+    f_i = (a_i − 1) x and G_i = √v_i, reversed as x − f_i + G_i² s_θ + G_i z.
+    """
+    a, v, _ = sde.chain_step(step.i, x)
+    x_mean = x - batch_broadcast(a - 1, x) * x + batch_broadcast(v, x) * score(x, step.t)
     z = noise.normal(x.shape, x.dtype, x.device)
-    return x_mean + batch_broadcast(G, x) * z, x_mean
+    return x_mean + batch_broadcast(v.sqrt(), x) * z, x_mean
 
 
-def ancestral_predictor(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, t_next: Tensor,
-                        noise: NoiseSource, opts) -> tuple[Tensor, Tensor]:
+def ancestral_predictor(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
+                        opts) -> tuple[Tensor, Tensor]:
     """Ancestral sampling from the chain's posterior q(x_{i−1} | x_i, x̂_0) with Tweedie's x̂_0.
 
     For any chain x_i = a_i x_{i−1} + √v_i z the posterior mean is (x_i + v_i s_θ)/a_i: for VP
@@ -57,19 +71,19 @@ def ancestral_predictor(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, t_n
     DDPM's β̃_i and SMLD's step). Default: forward for VP and sub-VP, posterior for VE, as in the
     reference code. For sub-VP the chain is its Euler–Maruyama discretisation.
     """
-    a, v, m = sde.chain_coeffs(t, x)
-    s = score(x, t)
+    a, v, m = sde.chain_step(step.i, x)
+    s = score(x, step.t)
     x_mean = (x + batch_broadcast(v, x) * s) / batch_broadcast(a, x)
     variance = opts.variance or ("posterior" if isinstance(sde, VESDE) else "forward")
     if variance == "forward":
         var = v
-    else:
-        var = (v * (m - v) / (a**2 * m)).clamp_min(0)    # m_{i−1} = (m_i − v_i)/a_i²
+    else:  # m_{i−1} = (m_i − v_i)/a_i²; a noiseless step (m_i = 0, sub-VP's first) has none
+        var = torch.where(m > 0, v * (m - v) / (a**2 * m.clamp_min(torch.finfo(m.dtype).tiny)), 0.0).clamp_min(0)
     z = noise.normal(x.shape, x.dtype, x.device)
     return x_mean + batch_broadcast(var.sqrt(), x) * z, x_mean
 
 
-def no_predictor(sde, score, x, t, t_next, noise, opts):
+def no_predictor(sde, score, x, step, noise, opts):
     return x, x
 
 
@@ -81,9 +95,9 @@ PREDICTORS: dict[str, Callable] = {
 }
 
 
-# ---- correctors: (sde, score, x, t, noise, opts) -> (x, x_mean) -------------------------------------
+# ---- correctors: (sde, score, x, step, noise, opts) -> (x, x_mean) ---------------------------------
 
-def _langevin_steps(sde, score, x, t, noise, opts, step_size) -> tuple[Tensor, Tensor]:
+def _langevin_steps(score, x, t, noise, opts, step_size) -> tuple[Tensor, Tensor]:
     x_mean = x
     for _ in range(opts.n_steps):
         grad = score(x, t)
@@ -94,15 +108,15 @@ def _langevin_steps(sde, score, x, t, noise, opts, step_size) -> tuple[Tensor, T
     return x, x_mean
 
 
-def langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, noise: NoiseSource,
+def langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
                        opts) -> tuple[Tensor, Tensor]:
-    """Langevin MCMC with step ε = 2 α_i (r ‖z‖/‖s_θ‖)², per sample (MATH.md §4).
+    """Langevin MCMC with step ε = 2 α_i (r ‖z‖/‖s_θ‖)² (MATH.md §4).
 
     α_i = a_i², the chain's squared mean coefficient: 1 − β_i for VP, 1 for VE, and its
-    Euler–Maruyama analogue for sub-VP (where the reference code crashes). Norms are per sample,
-    so a sample's update does not depend on the rest of its batch.
+    Euler–Maruyama analogue for sub-VP (where the reference code crashes). Norms are batch means
+    (the reference) or per sample, so that a sample's update does not depend on its batch.
     """
-    alpha = sde.chain_coeffs(t, x)[0] ** 2
+    alpha = sde.chain_step(step.i, x)[0] ** 2
     tiny = torch.finfo(x.dtype).tiny
 
     def step_size(grad, z):
@@ -112,18 +126,18 @@ def langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, nois
         ratio = opts.snr * z_norm / grad_norm.clamp_min(tiny)
         return 2 * alpha * ratio**2
 
-    return _langevin_steps(sde, score, x, t, noise, opts, step_size)
+    return _langevin_steps(score, x, step.t, noise, opts, step_size)
 
 
-def annealed_langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, t: Tensor, noise: NoiseSource,
+def annealed_langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
                                 opts) -> tuple[Tensor, Tensor]:
-    """Annealed Langevin dynamics (NCSN): ε_i = 2 α_i (r s(t_i))², i.e. ε_i ∝ σ_i² for VE."""
-    alpha = sde.chain_coeffs(t, x)[0] ** 2
-    eps = 2 * alpha * (opts.snr * sde.marginal_std(t).to(x.dtype)) ** 2
-    return _langevin_steps(sde, score, x, t, noise, opts, lambda grad, z: eps)
+    """Annealed Langevin dynamics (NCSN): ε_i = 2 α_i r² m_i, i.e. ∝ σ_i² on NCSN's chain."""
+    a, _, m = sde.chain_step(step.i, x)
+    eps = 2 * a**2 * opts.snr**2 * m
+    return _langevin_steps(score, x, step.t, noise, opts, lambda grad, z: eps)
 
 
-def no_corrector(sde, score, x, t, noise, opts):
+def no_corrector(sde, score, x, step, noise, opts):
     return x, x
 
 
@@ -136,35 +150,74 @@ CORRECTORS: dict[str, Callable] = {
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+def _chain_walk(sde: SDE, x: Tensor) -> list[Step]:
+    """The chain's indices N−1, …, 0, each at its noise-matched time ``sde.chain_times()[i]``.
+
+    A noiseless step (m_i = 0: sub-VP's first) has no score of its own; its time is that of the
+    first noisy index, where the score is finite (the step does not use it: v_i = 0).
+    """
+    table = sde.chain_table(x)
+    times, m = table[3], table[2]
+    score_times = torch.where(m > 0, times, times[m > 0][0])
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    return [Step(score_times[i] * ones, (times[i - 1] if i > 0 else times.new_zeros(())) * ones, i)
+            for i in range(sde.N - 1, -1, -1)]
+
+
+def _time_walk(sde: SDE, x: Tensor, eps: float, n: int) -> list[Step]:
+    """n uniform times from T down to eps, each stepping to the next (the last to 0)."""
+    ts = torch.linspace(sde.T, eps, n, dtype=x.dtype, device=x.device)
+    t_next = torch.cat([ts[1:], ts.new_zeros(1)])
+    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    return [Step(ts[k] * ones, t_next[k] * ones, None) for k in range(n)]
+
+
 class _ReverseTime(Solver):
-    """The predictor–corrector loop that every solver in this module runs."""
+    """The predictor–corrector loop that every solver in this module runs.
+
+    A solver that reads the discrete chain (any predictor but Euler–Maruyama, any corrector)
+    walks the chain's own indices i = N−1, …, 0 with ``steps`` re-discretising it, and evaluates
+    the score at each index's noise-matched time ``sde.chain_times()[i]``: for VE exactly NCSN's
+    σ_i, for VP DDPM's √(1 − ᾱ_i). It ends where the chain ends (x_{−1}, the data), so ``eps``
+    does not apply. Euler–Maruyama alone runs on ``steps`` uniform times from T to eps.
+    """
 
     predictor: str = "none"
     corrector: str = "none"
 
+    def _parts(self) -> tuple[Callable, Callable]:
+        opts = self.options
+        return (PREDICTORS[getattr(opts, "predictor", self.predictor)],
+                CORRECTORS[getattr(opts, "corrector", self.corrector)])
+
+    def walks_chain(self) -> bool:
+        predictor, corrector = self._parts()
+        return not (predictor is euler_maruyama_predictor and corrector is no_corrector)
+
+    def end_time(self, eps: float) -> float:
+        return 0.0 if self.walks_chain() else eps
+
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         opts = self.options
-        predictor = PREDICTORS[getattr(opts, "predictor", self.predictor)]
-        corrector = CORRECTORS[getattr(opts, "corrector", self.corrector)]
+        predictor, corrector = self._parts()
         n = steps or sde.N
         if n < 2:
             raise SolverError(f"solver '{self.name}' needs steps >= 2, got {n}.")
-        chain_sde = sde if n == sde.N else sde.with_steps(n)
-        ts = torch.linspace(sde.T, eps, n, dtype=x.dtype, device=x.device)
-        if predictor is not euler_maruyama_predictor or corrector is not no_corrector:
+        if not self.walks_chain():
+            walk = _time_walk(sde, x, eps, n)
+            chain_sde = sde
+        else:
+            chain_sde = sde if n == sde.N else sde.with_steps(n)
             try:  # the chain's coefficients, checked before the first score evaluation
-                chain_sde.chain_coeffs(ts[:1], x)
+                walk = _chain_walk(chain_sde, x)
             except ValueError as err:
                 raise SolverError(f"solver '{self.name}' with steps={n}: {err}") from None
-        t_next = torch.cat([ts[1:], ts.new_zeros(1)])
-        ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         x_mean = x
-        for i in range(n):
-            t = ts[i] * ones
-            x, x_mean = corrector(chain_sde, score, x, t, noise, opts)
+        for step in walk:
+            x, x_mean = corrector(chain_sde, score, x, step, noise, opts)
             if predictor is not no_predictor:
-                x, x_mean = predictor(chain_sde, score, x, t, t_next[i] * ones, noise, opts)
+                x, x_mean = predictor(chain_sde, score, x, step, noise, opts)
         return x_mean if opts.denoise else x
 
 

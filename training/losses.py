@@ -70,16 +70,16 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, ge
 
 
 def _chain_sample(sde: SDE, x0: Tensor, generator: torch.Generator | None):
-    """A chain index i ~ U{0..N−1} per sample, its time t_i = i/(N−1)·T and chain coefficients."""
+    """A chain index i ~ U{0..N−1} per sample, at its noise-matched time t_i = ``sde.chain_times()[i]``,
+    and the chain's marginal variance m_i there (the network sees the noise level it will be sampled at)."""
     i = torch.randint(0, sde.N, (x0.shape[0],), generator=generator, device=x0.device)
-    t = i.to(x0.dtype) / (sde.N - 1) * sde.T
-    _, _, m = sde.chain_coeffs(t, x0)
-    return t, m
+    table = sde.chain_table(x0)
+    return table[3, i], table[2, i]
 
 
 def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
               reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
-    """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = i/(N−1))."""
+    """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = chain_times()[i])."""
     if not isinstance(sde, VPSDE):
         raise ValueError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
     t, m = _chain_sample(sde, x0, generator)              # m_i = 1 − ᾱ_i

@@ -194,8 +194,26 @@ def test_network_time_is_normalised_log_snr(sde):
     assert_close(tau, (lam[0] - lam) / (lam[0] - lam[-1]))
     assert model.network_time(torch.zeros(1, dtype=F64)).item() == pytest.approx(0.0, abs=1e-12)
     assert torch.equal(ScoreModel(net, sde, time_input="t").network_time(t), t)
-    with pytest.raises(ValueError, match="unknown time_input 'sigma'; valid: log_snr, t"):
+    with pytest.raises(ValueError, match="unknown time_input 'sigma'; valid: log_snr, t, index"):
         ScoreModel(net, sde, time_input="sigma")
+
+
+@parametrize_sdes
+def test_network_time_index_is_the_chain_position(sde):
+    """time_input="index": i/(N−1) at the chain's times, linear between them, clamped outside."""
+    model = ScoreModel(_ProbeNet(), sde, time_input="index")
+    knots = sde.chain_times()
+    n = sde.N - 1
+    first = int((knots == 0).sum().clamp_max(n))          # sub-VP's noiseless index 0 shares t = 0 with none
+    assert_close(model.network_time(knots[first:]), torch.arange(first, sde.N, dtype=F64) / n, rtol=0, atol=1e-12)
+    mid = 0.5 * (knots[1:] + knots[:-1])
+    assert_close(model.network_time(mid[first:]), (torch.arange(first, n, dtype=F64) + 0.5) / n, rtol=0, atol=1e-9)
+    ends = model.network_time(torch.tensor([0.0, 2.0 * sde.T], dtype=F64))
+    assert ends.tolist() == [0.0, 1.0]
+    t = torch.linspace(0, sde.T, 5001, dtype=F64)
+    assert torch.all(model.network_time(t).diff() >= 0)
+    if isinstance(sde, VESDE):  # NCSN's σ_i = σ(i/(N−1)): the index is t itself
+        assert_close(model.network_time(t), t, rtol=0, atol=1e-12)
 
 
 def test_score_model_scalar_time_and_score_fn_alias():

@@ -129,7 +129,7 @@ def test_pc_with_batch_norms_matches_reference_formula():
     z = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(0)).double()
     r = solvers.sample(sde, score, solver="pc", z=z, steps=2, predictor="none", corrector="langevin",
                        n_steps=1, snr=0.16, denoise=False, seed=5)
-    # Recompute the first step (t = T, index N−1) by hand with the same noise draws.
+    # Recompute both steps (index N−1 at t = T, index 0 at t = 0) by hand with the same noise draws.
     from solvers.noise import NoiseSource
     noise = NoiseSource(5)
     noise.skip()  # the prior's draw
@@ -138,7 +138,7 @@ def test_pc_with_batch_norms_matches_reference_formula():
     n = noise.normal(z.shape, z.dtype)
     step = 2 * (0.16 * n.norm(dim=1).mean() / grad.norm(dim=1).mean()) ** 2
     x = z + step * grad + torch.sqrt(2 * step) * n
-    t2 = torch.full((32,), VESDE.default_eps, dtype=torch.float64)
+    t2 = torch.zeros(32, dtype=torch.float64)    # the chain's index 0: NCSN's σ_min, at t = 0
     grad2 = score(x, t2)
     n2 = noise.normal(z.shape, z.dtype)
     step2 = 2 * (0.16 * n2.norm(dim=1).mean() / grad2.norm(dim=1).mean()) ** 2
