@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from models.checkpoint import export_checkpoint  # noqa: E402
 
 
-def train_once(sde: str, extra: list[str], export: bool) -> dict:
-    """Train with ``sde`` and the overrides; return the run's metrics.json plus its wall time."""
-    run_dir = OUT / "train_quality" / sde
+def train_once(sde: str, extra: list[str], export: bool, run_dir: pathlib.Path | None = None) -> dict:
+    """Train with ``sde`` and the overrides in ``run_dir`` (replaced); return its metrics.json plus wall time."""
+    run_dir = run_dir or OUT / "train_quality" / sde
     shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own scratch directory
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=train", "data=ring", f"sde={sde}", *extra,
