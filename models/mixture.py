@@ -69,6 +69,13 @@ class GaussianMixture:
         """The component covariances Σ_k, shape (K, D, D)."""
         return self.eigvecs @ torch.diag_embed(self.eigvals) @ self.eigvecs.transpose(1, 2)
 
+    @property
+    def std(self) -> float:
+        """The per-dimension standard deviation of the mixture, √(tr Cov(x)/D) (EDM's σ_data)."""
+        mean = self.weights @ self.means
+        second = self.weights @ (self.means.pow(2).sum(1) + self.eigvals.sum(1))     # E‖x‖² per component
+        return math.sqrt(float((second - mean.pow(2).sum()) / self.dim))
+
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32,
                device=None) -> tuple[Tensor, Tensor]:
         """Draw n samples; returns (x of shape (n, *event_shape), component labels (n,))."""
@@ -142,6 +149,7 @@ class MixtureScore(torch.nn.Module):
         super().__init__()
         self.sde = sde
         self.mixture = mixture
+        self.sigma_data = mixture.std    # the data scale, as a trained ScoreModel carries it
 
     def _coeffs(self, x: Tensor, t: Tensor):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])

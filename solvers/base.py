@@ -293,7 +293,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
     score = CountedScore(score_fn, record=trajectory, progress=bar)
     start = time.perf_counter()
     try:
-        x = instance.run(sde, score, z, eps, steps, noise)
+        with torch.no_grad():  # sampling never needs a graph; a trainable model would otherwise build one per NFE
+            x = instance.run(sde, score, z, eps, steps, noise)
     finally:
         if bar is not None:
             bar.close()

@@ -19,7 +19,7 @@ from torch.func import vjp, vmap
 from sde_lib import SDE
 from solvers.base import CountedScore, SolverError, TimeProgress, _build_options, check_finite
 from solvers.noise import NoiseSource
-from solvers.ode import check_method, odeint_between, pf_ode_drift
+from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
 
 Tensor = torch.Tensor
 
@@ -68,6 +68,9 @@ class _LikelihoodOptions:
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise SolverError(f"steps must be a positive integer, got {self.steps!r}.")
         check_method(self.method, self.steps)
+        if self.method in FIXED_METHODS and self.steps is None:
+            raise SolverError(f"method {self.method!r} is fixed-grid: give steps (the NFE is then known in advance), "
+                              f"or use an adaptive method ({', '.join(ADAPTIVE_METHODS)}).")
         if self.probes < 1:
             raise SolverError(f"probes must be >= 1, got {self.probes}.")
         if self.levels is not None and self.levels < 2:
@@ -123,7 +126,8 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
 
     Args:
         sde: the forward SDE the score belongs to.
-        score_fn: ``score_fn(x, t)``; must be differentiable in x (torch.func.vjp is applied).
+        score_fn: ``score_fn(x, t)``; must be differentiable in x (torch.func.vjp is applied). The
+            result is not differentiable with respect to the model's parameters.
         x: (B, ...) data. For discrete data pass them dequantised (uniform noise within each bin)
             and give ``levels`` (and ``data_range``) so that bpd includes the offset log₂(K/w).
         eps: the time the data sit at; the ODE runs from eps to T.
@@ -155,7 +159,9 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
         def state_derivative(t, state):
             with torch.enable_grad():
                 out, div = _divergence_exact(lambda y: drift(y, t * ones), state[0], opts.chunk)
-            return out, div
+            # Detached: a model whose parameters require grad would otherwise chain every step's graph
+            # onto the next (4 GB after 20 NFE for a 3×256 MLP on 1000 points).
+            return out.detach(), div.detach()
         n_est = 1
     else:
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -165,7 +171,8 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
 
         def state_derivative(t, state):
             with torch.enable_grad():
-                return _divergence_hutchinson(lambda y: drift(y, t * ones), state[0], v)
+                out, div = _divergence_hutchinson(lambda y: drift(y, t * ones), state[0], v)
+            return out.detach(), div.detach()
         n_est = opts.probes
 
     start = time.perf_counter()

@@ -53,7 +53,8 @@ def _likelihood(cfg: DictConfig, model: ResolvedModel, device, dtype) -> tuple[d
     lc = cfg.likelihood
     x = model.data.test[:lc.n_eval].to(device=device, dtype=dtype)
     lik, scored = data_log_likelihood(model.sde, model.score_fn, model.data, x, cfg.seed, eps=lc.eps, rtol=lc.rtol,
-                                      atol=lc.atol, divergence=lc.divergence, probes=lc.probes, progress=True)
+                                      atol=lc.atol, divergence=lc.divergence, probes=lc.probes, method=lc.method,
+                                      steps=lc.steps, progress=True)
     nll = -lik.logp.double()
     metrics = {"n_eval": len(x), "nll_nats": nll.mean().item(),
                "nll_stderr_nats": (nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,

@@ -47,6 +47,8 @@ class LikelihoodConfig:
     atol: float = 1e-5
     divergence: str = "auto"    # exact (D VJPs, vectorised), hutchinson (unbiased, K probes), auto: exact up to 32 dims
     probes: int = 1             # Hutchinson probes per point
+    method: str = "dopri5"      # torchdiffeq method: adaptive (dopri5, ...) or fixed-grid (rk4, midpoint, euler) with steps
+    steps: Optional[int] = None  # fixed-grid steps: the NFE is known in advance (rk4: 4 per step)
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ class CompareTask:
 
     name: str = "compare"
     samplers: List[str] = dataclasses.field(default_factory=lambda: [
-        "ancestral", "euler_maruyama", "pc", "ddim", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
+        "ancestral", "euler_maruyama", "pc", "ddim", "multistep", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
     budgets: List[int] = dataclasses.field(default_factory=lambda: [10, 20, 50, 100, 200])  # NFE per sample
     n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
     eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)

@@ -183,7 +183,8 @@ def evaluate(model, sde, data: Dataset, cfg: DictConfig, loss_fn, loss_options, 
                              device=data.test.device).samples
     out.samples_figure(samples, step)
     lik, x = data_log_likelihood(sde, model, data, data.test[:lc.n_eval], cfg.seed, eps=lc.eps, rtol=lc.rtol,
-                                 atol=lc.atol, divergence=lc.divergence, probes=lc.probes)
+                                 atol=lc.atol, divergence=lc.divergence, probes=lc.probes, method=lc.method,
+                                 steps=lc.steps)
     row["test_nll_nats"] = -lik.logp.mean().item()
     row["test_bpd"] = lik.bpd.mean().item()
     row["nll_nfe"] = lik.nfe

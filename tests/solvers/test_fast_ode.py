@@ -1,0 +1,179 @@
+"""The fast PF-ODE solvers (solvers/exponential.py) against the exact flow of the ring (MATH.md §8).
+
+Every multistep variant must converge at its order: k without the corrector, k + 1 with it
+(the corrector re-fits through one more point), and Heun at order 2; the time grids must be
+what they say. The exact flow is dopri8 at rtol = atol = 1e-12 from the same noise.
+"""
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import solvers
+from models import MixtureScore, ring_mixture
+from sde_lib import VESDE, VPSDE, subVPSDE
+from solvers.base import SolverError
+from solvers.exponential import time_grid
+
+F64 = torch.float64
+SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+STEPS = [100, 200, 400]
+
+
+@pytest.fixture(scope="module")
+def problems():
+    out = {}
+    for name, cls in SDES.items():
+        sde = cls()
+        score = MixtureScore(sde, ring_mixture())
+        z = sde.prior_std * torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+        exact = solvers.sample(sde, score, z=z, solver="pf_ode", method="dopri8", rtol=1e-12, atol=1e-12,
+                               eps=1e-3).samples
+        out[name] = (sde, score, z, exact)
+    return out
+
+
+def _slope(problem, solver, per_step=1, **options) -> tuple[float, list[float]]:
+    sde, score, z, exact = problem
+    errors = []
+    for n in STEPS:
+        out = solvers.sample(sde, score, z=z, solver=solver, steps=n, eps=1e-3, **options)
+        assert out.nfe == per_step * n
+        errors.append((out.samples - exact).pow(2).sum(1).mean().sqrt().item())
+    return float(np.polyfit(np.log(STEPS), np.log(errors), 1)[0]), errors
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("variable", ["log_snr", "sigma", "angle"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("corrector", [False, True])
+def test_multistep_converges_at_its_order(problems, name, variable, order, corrector):
+    """Slope of the error against steps: −order, or −(order + 1) with the corrector (measured −0.99 to −4.25 on
+    the log-SNR grid; the default focus grid is still pre-asymptotic at 100–400 steps for the highest orders)."""
+    slope, errors = _slope(problems[name], "multistep", order=order, corrector=corrector, variable=variable,
+                           sigma_data=2.0, grid="log_snr")
+    expected = order + corrector
+    print(f"{name} {variable} order {order} corrector {corrector}: {['%.1e' % e for e in errors]}, slope {slope:.2f}")
+    assert -expected - 0.35 < slope < -expected + 0.35, (slope, errors)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_heun_is_second_order_at_two_evaluations_per_step(problems, name):
+    slope, errors = _slope(problems[name], "heun", per_step=2)
+    assert -2.2 < slope < -1.8, (slope, errors)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_ddim_is_the_first_order_multistep(problems, name):
+    sde, score, z, _ = problems[name]
+    for grid in ("t", "log_snr", "edm"):
+        a = solvers.sample(sde, score, z=z, solver="ddim", steps=30, grid=grid).samples
+        for variable in ("log_snr", "sigma"):   # x̂_0 held over a step in λ, or ε̂ in σ: the same step
+            b = solvers.sample(sde, score, z=z, solver="multistep", steps=30, grid=grid, order=1, corrector=False,
+                               variable=variable).samples
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_time_grids(name):
+    sde = SDES[name]()
+    eps = 1e-3
+    lam = lambda t: sde.half_log_snr(t)  # noqa: E731
+    for kind in ("t", "log_snr", "edm"):
+        t = time_grid(sde, eps, 12, kind)
+        assert t.shape == (13,) and t[0].item() == sde.T and t[-1].item() == eps
+        assert torch.all(t[1:] < t[:-1])
+    torch.testing.assert_close(lam(time_grid(sde, eps, 12, "log_snr")).diff(),
+                               torch.full((12,), (lam(torch.tensor(eps, dtype=F64)) - lam(torch.tensor(1.0, dtype=F64))).item() / 12,
+                                          dtype=F64))
+    # EDM: σ^{1/ρ} uniform, σ = s/α = e^{−λ}
+    root = torch.exp(-lam(time_grid(sde, eps, 12, "edm", rho=7.0)) / 7.0)
+    torch.testing.assert_close(root.diff(), torch.full((12,), root.diff().mean().item(), dtype=F64))
+    user = [1.0, 0.5, 0.1, eps]
+    assert time_grid(sde, eps, 3, "user", times=user).tolist() == user
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"order": 4}, "order must be 1, 2 or 3"),
+    ({"grid": "user"}, "grid='user' needs times"),
+    ({"grid": "user", "times": [1.0, 0.5, 0.6, 1e-3]}, "times must decrease strictly"),
+    ({"grid": "user", "times": [0.9, 0.5, 1e-3]}, "times must decrease strictly from T"),
+    ({"grid": "cosine"}, "grid"),
+])
+def test_bad_options_are_refused(options, match):
+    sde = VPSDE()
+    with pytest.raises(SolverError, match=match):
+        solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", **options)
+
+
+def test_user_grid_sets_the_budget():
+    sde = VPSDE()
+    score = MixtureScore(sde, ring_mixture())
+    times = [1.0, 0.6, 0.3, 0.1, 0.03, 1e-3]
+    out = solvers.sample(sde, score, (4, 2), solver="multistep", grid="user", times=times, eps=1e-3, seed=0)
+    assert out.nfe == len(times) - 1
+    with pytest.raises(SolverError, match="steps=7 but times has 5 steps"):
+        solvers.sample(sde, score, (4, 2), solver="multistep", grid="user", times=times, eps=1e-3, steps=7)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_adaptive_multistep_meets_its_tolerance(problems, name):
+    """Tighter tolerance, more NFE and a smaller error; the error stays within a few tolerances (measured 2–5×)."""
+    sde, score, z, exact = problems[name]
+    results = []
+    for tol in (1e-2, 1e-3, 1e-4):
+        out = solvers.sample(sde, score, z=z, solver="multistep_adaptive", rtol=tol, atol=tol, eps=1e-3)
+        results.append((tol, out.nfe, (out.samples - exact).pow(2).sum(1).mean().sqrt().item()))
+    print(name, results)
+    assert [n for _, n, _ in results] == sorted(n for _, n, _ in results)
+    assert [e for _, _, e in results] == sorted((e for _, _, e in results), reverse=True)
+    assert all(e < 10 * tol for tol, _, e in results), results
+    with pytest.raises(SolverError, match="sets its own steps"):
+        solvers.sample(sde, score, z=z, solver="multistep_adaptive", steps=10)
+
+
+def test_focus_grid_spacing():
+    """Equal steps of gd((λ − λ_c)/w) = atan(sinh((λ − λ_c)/w)), λ_c = −log(focus_sigma)."""
+    sde = VPSDE()
+    t = time_grid(sde, 1e-3, 16, "focus", focus_sigma=2.0, focus_width=1.5)
+    lam = sde.half_log_snr(t)
+    gd = torch.atan(torch.sinh((lam + math.log(2.0)) / 1.5))
+    torch.testing.assert_close(gd.diff(), torch.full((16,), gd.diff().mean().item(), dtype=F64))
+    # the steps are densest in λ where σ = e^{−λ} is near focus_sigma
+    widest, narrowest = lam.diff().argmax().item(), lam.diff().argmin().item()
+    sigma_mid = torch.exp(-(lam[1:] + lam[:-1]) / 2)
+    assert abs(math.log(sigma_mid[narrowest].item() / 2.0)) < abs(math.log(sigma_mid[widest].item() / 2.0))
+
+
+def test_sigma_data_comes_from_the_score():
+    """The focus grid and the angle variable use the score's own data scale unless given."""
+    mix = ring_mixture()
+    x, _ = mix.sample(200_000, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert mix.std == pytest.approx(x.std(0).pow(2).mean().sqrt().item(), rel=5e-3)
+    sde = VPSDE()
+    score = MixtureScore(sde, mix)
+    assert score.sigma_data == mix.std
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    auto = solvers.sample(sde, score, z=z, solver="multistep", steps=12).samples
+    given = solvers.sample(sde, score, z=z, solver="multistep", steps=12, sigma_data=mix.std).samples
+    other = solvers.sample(sde, score, z=z, solver="multistep", steps=12, sigma_data=1.0).samples
+    assert torch.equal(auto, given) and not torch.allclose(auto, other)
+
+
+def test_third_order_step_matches_the_phi_function_formula():
+    """multistep(order 3, λ, no corrector) equals DPM-Solver++'s multistep update written with φ-functions and
+    divided differences when the interpolating polynomial is integrated exactly (the benchmark's peer with
+    exact=True); the peer's published update, with half the quadratic term, differs at O(h³)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    from fast_samplers import dpm_solver_pp_3m
+
+    sde = VPSDE()
+    score = MixtureScore(sde, ring_mixture())
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    ours = solvers.sample(sde, score, z=z, solver="multistep", steps=12, eps=1e-3, variable="log_snr",
+                          grid="log_snr", corrector=False, lower_order_final=False).samples
+    torch.testing.assert_close(ours, dpm_solver_pp_3m(sde, score, z, 12, 1e-3, exact=True), rtol=0, atol=1e-9)
+    assert (ours - dpm_solver_pp_3m(sde, score, z, 12, 1e-3)).abs().max() > 1e-3
