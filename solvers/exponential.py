@@ -1,18 +1,21 @@
 """Fast PF-ODE samplers: exponential-integrator multistep methods (DDIM is order 1) and EDM's Heun.
 
-For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has two exact forms (MATH.md §4;
+For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has exact integral forms (MATH.md §4;
 Lu et al. 2022a/b, Karras et al. 2022). With σ = s/α and λ = log(α/s) = −log σ,
 
     data prediction, in λ:   x_t = (s_t/s_u) x_u + α_t ∫_{λ_u}^{λ_t} e^{λ−λ_t} x̂_0(λ) dλ,
     noise prediction, in σ:  x_t/α_t = x_u/α_u + ∫_{σ_u}^{σ_t} ε̂(σ) dσ,
+    EDM's F, in the angle u = arctan(σ/σ_data):  y_t = y_u − ∫_{u_u}^{u_t} F du,  y = x/(α √(σ² + σ_data²)),
 
-with x̂_0 = (x + s² s_θ)/α and ε̂ = −s s_θ. A multistep method of order k replaces x̂_0 (or ε̂) by
-the polynomial through its last k values and integrates that exactly: in λ this is DPM-Solver++
-(kM), in σ an Adams–Bashforth rule on EDM's ODE dx̃/dσ = ε̂ (DEIS's ρAB). Both orders-1 rules are
-DDIM. A corrector re-fits the polynomial through the value at the new point as well and redoes
-the step (an exponential Adams–Moulton step, as in UniPC's corrector); it costs no score
-evaluation, since the next step needs that value anyway. The adaptive variant chooses steps in
-λ from the predictor–corrector difference (Milne's estimate).
+with x̂_0 = (x + s² s_θ)/α, ε̂ = −s s_θ and F = (x̂_0 − c_skip x/α)/c_out EDM's preconditioned
+output (F = 0 for Gaussian data of std σ_data, where the last form is exact). A multistep method
+of order k replaces the integrand by the polynomial through its last k values and integrates that
+exactly: in λ the polynomial-exact form of DPM-Solver++(kM), in σ an Adams–Bashforth rule on EDM's
+ODE dx̃/dσ = ε̂ (DEIS's ρAB). Order 1 in λ or σ is DDIM. A corrector re-fits the polynomial
+through the value at the new point as well and redoes the step (an exponential Adams–Moulton step,
+as in UniPC's corrector); it costs no score evaluation, since the next step needs that value
+anyway. The adaptive variant chooses steps in λ from the predictor–corrector difference (Milne's
+estimate).
 """
 from __future__ import annotations
 
