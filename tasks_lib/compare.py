@@ -106,7 +106,7 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
             continue
         samples = result.samples
         row.update(nfe=result.nfe, seconds=result.seconds, swd=sliced_wasserstein(samples, test, seed=cfg.seed))
-        if entry.solver in ("pf_ode", "ddim"):
+        if not solvers.get_solver(entry.solver).stochastic:   # the PF-ODE's solvers: their target is the flow
             row["ode_error_rms"] = (samples - reference.samples).flatten(1).pow(2).sum(1).mean().sqrt().item()
         if entry.solver == "pf_ode":
             lik_options = {"method": options["method"], "steps": steps} if steps else {"rtol": extra["rtol"],

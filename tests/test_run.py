@@ -152,7 +152,7 @@ def test_likelihood_task_reports_nll_and_bpd(tmp_path):
 
 def test_compare_task_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("task=compare", "ckpt=exact", "task.samplers=[ancestral,pf_ode_rk4,pf_ode]",
+    proc = run_cli("task=compare", "ckpt=exact", "task.samplers=[ancestral,multistep,pf_ode_rk4,pf_ode]",
                    "task.budgets=[8,40]", "task.n_samples=200", "likelihood.n_eval=20", cwd=out)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv_rows(out / "compare.csv"))
@@ -166,6 +166,9 @@ def test_compare_task_writes_table_csv_and_plot(tmp_path):
     assert by[("pf_ode_rk4", "2", "")]["nfe"] == "8" and by[("pf_ode_rk4", "10", "")]["nfe"] == "40"
     # RK4 error falls with the budget; the adaptive rows follow their tolerance.
     assert float(by[("pf_ode_rk4", "10", "")]["ode_error_rms"]) < float(by[("pf_ode_rk4", "2", "")]["ode_error_rms"])
+    # every deterministic sampler is measured against the flow: the multistep one too
+    assert float(by[("multistep", "40", "")]["ode_error_rms"]) < float(by[("multistep", "8", "")]["ode_error_rms"])
+    assert float(by[("multistep", "40", "")]["ode_error_rms"]) < float(by[("pf_ode_rk4", "10", "")]["ode_error_rms"])
     tight = [float(r["ode_error_rms"]) for r in rows if r["sampler"] == "pf_ode"]
     assert tight == sorted(tight, reverse=True) and len(tight) == 4
     assert "| sampler |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 0
