@@ -156,8 +156,8 @@ class SDE(abc.ABC):
                 raise ValueError(f"{self!r} has no valid {self.N}-step chain (a mean coefficient a_i <= 0, as when "
                                  f"β_max/N >= 1 for VP): use more steps, or a continuous-time solver "
                                  f"(euler_maruyama, pf_ode).")
-            _, m = self.chain_marginals()
-            cache[key] = torch.stack([a, v, m, self.chain_times()]).to(device=like.device, dtype=like.dtype)
+            A, m = self.chain_marginals()
+            cache[key] = torch.stack([a, v, m, self._times_of(A, m)]).to(device=like.device, dtype=like.dtype)
         return cache[key]
 
     def chain_marginals(self) -> tuple[Tensor, Tensor]:
@@ -183,7 +183,10 @@ class SDE(abc.ABC):
         lie just beyond T (DDPM's ᾱ_N is a little below α(T)²: log(1 − β) < −β); the SDE's schedules
         read any t > T as T.
         """
-        A, m = self.chain_marginals()
+        return self._times_of(*self.chain_marginals())
+
+    def _times_of(self, A: Tensor, m: Tensor) -> Tensor:
+        """``chain_times`` from the chain's marginals (A_i, m_i)."""
         with torch.no_grad():
             lam = torch.log(A) - 0.5 * torch.log(m)
             t = self.t_from_half_log_snr(lam.clamp(max=1e6))

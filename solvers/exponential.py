@@ -111,28 +111,25 @@ def _step_weights(nodes: list[float], target: float, variable: str) -> list[floa
     return w.tolist()
 
 
-class _Schedule:
-    """α, s, λ and σ = s/α at given times, as Python floats (the solvers' scalar bookkeeping)."""
-
-    def __init__(self, sde: SDE):
-        self.sde = sde
-
-    def at(self, t: float) -> tuple[float, float, float]:
-        tt = torch.tensor(t, dtype=torch.float64)
-        alpha = float(self.sde.log_mean_coeff(tt).exp())
-        std = float(self.sde.marginal_std(tt))
-        return alpha, std, math.log(alpha / std)
-
-
 class _ExponentialState:
     """The bookkeeping of one solve: which value is fitted (x̂_0, ε̂ or F) in which variable (λ, σ or the angle)."""
 
+    #: how many past values a method keeps: the order-3 corrector fits through these and the new one
+    history = 3
+
     def __init__(self, sde: SDE, score: CountedScore, x: Tensor, variable: str, sigma_data: float = 1.0):
-        self.schedule = _Schedule(sde)
+        self.sde = sde
         self.score = score
         self.variable = variable
         self.sigma_data = sigma_data
         self.ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+
+    def coefficients(self, t: float) -> tuple[float, float, float]:
+        """α(t), s(t) and λ(t) as Python floats (the solvers' scalar bookkeeping)."""
+        tt = torch.tensor(t, dtype=torch.float64)
+        alpha = float(self.sde.log_mean_coeff(tt).exp())
+        std = float(self.sde.marginal_std(tt))
+        return alpha, std, math.log(alpha / std)
 
     def node(self, alpha: float, std: float, lam: float) -> float:
         if self.variable == "log_snr":
@@ -143,7 +140,7 @@ class _ExponentialState:
 
     def evaluate(self, x: Tensor, t: float) -> tuple[Tensor, float]:
         """The value the polynomial is fitted to at (x, t), and its node."""
-        alpha, std, lam = self.schedule.at(t)
+        alpha, std, lam = self.coefficients(t)
         s = self.score(x, t * self.ones)
         if self.variable == "log_snr":
             value = (x + std**2 * s) / alpha
@@ -157,8 +154,8 @@ class _ExponentialState:
 
     def step(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor]) -> Tensor:
         """The exact flow from t_from to t_to of the polynomial through (nodes, values); nodes[0] is t_from's."""
-        a_u, s_u, _ = self.schedule.at(t_from)
-        a_t, s_t, lam_t = self.schedule.at(t_to)
+        a_u, s_u, _ = self.coefficients(t_from)
+        a_t, s_t, lam_t = self.coefficients(t_to)
         w = _step_weights(nodes, self.node(a_t, s_t, lam_t), self.variable)
         if self.variable == "log_snr":
             ratio, scale = s_t / s_u, a_t
@@ -172,6 +169,16 @@ class _ExponentialState:
         for wk, yk in zip(w, values):
             x_new = x_new + (scale * wk) * yk
         return x_new
+
+    def correct(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor],
+                node: float, value: Tensor, order: int) -> Tensor:
+        """The Adams–Moulton step: the step from t_from redone through the new (node, value) and the last ``order``."""
+        return self.step(x, t_from, t_to, [nodes[0], node, *nodes[1:order]], [values[0], value, *values[1:order]])
+
+    def remember(self, nodes: list[float], values: list[Tensor], node: float,
+                 value: Tensor) -> tuple[list[float], list[Tensor]]:
+        """The history with (node, value) as its newest entry."""
+        return [node, *nodes][:self.history], [value, *values][:self.history]
 
 
 GridKind = Literal["t", "log_snr", "edm", "focus", "user"]
@@ -252,13 +259,8 @@ class Multistep(Solver):
             if i == n - 1:
                 return x_pred
             value, node = state.evaluate(x_pred, ts[i + 1])
-            if o.corrector:
-                # Adams–Moulton: the polynomial through the new value and the last `order` ones.
-                x = state.step(x, ts[i], ts[i + 1], [nodes[0], node, *nodes[1:order]],
-                               [values[0], value, *values[1:order]])
-            else:
-                x = x_pred
-            nodes, values = [node, *nodes][:3], [value, *values][:3]
+            x = state.correct(x, ts[i], ts[i + 1], nodes, values, node, value, order) if o.corrector else x_pred
+            nodes, values = state.remember(nodes, values, node, value)
         return x
 
 
@@ -367,8 +369,7 @@ class AdaptiveMultistep(Multistep):
             order = min(o.order, len(nodes))
             x_pred = state.step(x, t, t_next, nodes[:order], values[:order])
             value_new, node_new = state.evaluate(x_pred, t_next)
-            x_corr = state.step(x, t, t_next, [nodes[0], node_new, *nodes[1:order]],
-                                [values[0], value_new, *values[1:order]])
+            x_corr = state.correct(x, t, t_next, nodes, values, node_new, value_new, order)
             scale = o.atol + o.rtol * torch.maximum(x.abs(), x_corr.abs())
             ratio = ((x_corr - x_pred) / scale).reshape(batch, -1).pow(2).mean(1)
             err = float((ratio.max() if o.error_norm == "sample" else ratio.mean()).sqrt())
@@ -376,6 +377,6 @@ class AdaptiveMultistep(Multistep):
                 raise NonFiniteError("multistep_adaptive met NaN or inf in the score's output.")
             if err <= 1.0:
                 x, t, lam = x_corr, t_next, lam_next
-                nodes, values = [node_new, *nodes][:3], [value_new, *values][:3]
+                nodes, values = state.remember(nodes, values, node_new, value_new)
             h *= min(2.0, max(0.2, 0.9 * max(err, 1e-10) ** (-1.0 / (order + 1))))
         return x
