@@ -34,6 +34,7 @@ Tensor = torch.Tensor
 __all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep", "time_grid", "GRIDS"]
 
 GRIDS = ("t", "log_snr", "edm", "focus", "user")
+ORDERS = (1, 2, 3, 4)
 
 
 def _lam(sde: SDE, t: float) -> float:
@@ -41,15 +42,16 @@ def _lam(sde: SDE, t: float) -> float:
 
 
 def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
-              times: Optional[List[float]] = None, focus_sigma: float = 2.5, focus_width: float = 1.5,
-              dtype=torch.float64) -> Tensor:
+              times: Optional[List[float]] = None, focus_sigma: float = 2.5,
+              focus_width: tuple[float, float] = (1.5, 1.6), dtype=torch.float64) -> Tensor:
     """steps + 1 times from T down to eps (float64).
 
     kinds: "t" uniform in t; "log_snr" uniform in the half log-SNR λ; "edm" EDM's ρ-spacing of
     σ = s/α, σ_i^{1/ρ} uniform (Karras et al. 2022, eq. 5); "focus": step density in λ
-    ∝ sech((λ − λ_c)/w) with λ_c = −log(focus_sigma), w = focus_width, i.e. steps concentrated
-    around the noise level where the data's modes separate (w → ∞ gives "log_snr"; w = 1 is a
-    grid uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
+    ∝ sech((λ − λ_c)/w) with λ_c = −log(focus_sigma), i.e. steps concentrated around the noise
+    level where the data's modes separate, and w = focus_width[0] on the noisy side (λ < λ_c),
+    focus_width[1] on the data side (w → ∞ gives "log_snr"; w = 1 on both sides is a grid
+    uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
     decreasing, eps last; ``steps`` is then len(times) − 1).
     """
     if kind == "t":
@@ -70,12 +72,18 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
         hi, lo = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)       # σ^{1/ρ} at T and at eps
         lam = -rho * torch.log(torch.linspace(hi, lo, steps + 1, dtype=torch.float64))
     elif kind == "focus":
-        if not (focus_sigma > 0 and focus_width > 0):
-            raise SolverError(f"focus_sigma and focus_width must be positive, got {focus_sigma}, {focus_width}.")
-        # Equal steps of the density's CDF, the Gudermannian gd(v) = atan(sinh v), v = (λ − λ_c)/w.
+        noisy, clean = focus_width
+        if not (focus_sigma > 0 and noisy > 0 and clean > 0):
+            raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
+        # Equal steps of the density's CDF, w·gd(v/w) on either side of v = λ − λ_c = 0, with the
+        # Gudermannian gd(v) = atan(sinh v); its inverse is w·asinh(tan(g/w)).
         lam_c = -math.log(focus_sigma)
-        gd = [math.atan(math.sinh((lam - lam_c) / focus_width)) for lam in (lam_T, lam_eps)]
-        lam = lam_c + focus_width * torch.asinh(torch.tan(torch.linspace(*gd, steps + 1, dtype=torch.float64)))
+        width = lambda v: noisy if v < 0 else clean  # noqa: E731
+        ends = [lam - lam_c for lam in (lam_T, lam_eps)]
+        cdf = torch.linspace(*[width(v) * math.atan(math.sinh(v / width(v))) for v in ends], steps + 1,
+                             dtype=torch.float64)
+        w = torch.where(cdf < 0, noisy, clean).to(torch.float64)
+        lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
     else:
         raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
     t = sde.t_from_half_log_snr(lam)
@@ -114,11 +122,11 @@ def _step_weights(nodes: list[float], target: float, variable: str) -> list[floa
 class _ExponentialState:
     """The bookkeeping of one solve: which value is fitted (x̂_0, ε̂ or F) in which variable (λ, σ or the angle)."""
 
-    #: how many past values a method keeps: the order-3 corrector fits through these and the new one
-    history = 3
-
-    def __init__(self, sde: SDE, score: CountedScore, x: Tensor, variable: str, sigma_data: float = 1.0):
+    def __init__(self, sde: SDE, score: CountedScore, x: Tensor, variable: str, sigma_data: float = 1.0,
+                 history: int = 1):
         self.sde = sde
+        #: how many past values the solve keeps: an order-k predictor fits through k, its corrector through these and the new one
+        self.history = history
         self.score = score
         self.variable = variable
         self.sigma_data = sigma_data
@@ -190,34 +198,36 @@ class _GridOptions:
 
     grid: GridKind = "focus"
     rho: float = 7.0                   # grid="edm": ρ
-    focus: float = 0.85                # grid="focus": steps concentrate at σ = s/α = focus · sigma_data
-    focus_width: float = 1.5           # grid="focus": the width of the concentration, in log-SNR units
+    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data
+    focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
+    focus_width_data: float = 1.6      # grid="focus": and towards the data
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     sigma_data: Optional[float] = None  # the data's per-dimension std; None: the score's own ``sigma_data`` (ScoreModel, MixtureScore), else 1
 
     def validate(self):
-        if not (self.focus > 0 and self.focus_width > 0):
-            raise SolverError(f"focus and focus_width must be positive, got {self.focus}, {self.focus_width}.")
+        if not (self.focus > 0 and self.focus_width_noise > 0 and self.focus_width_data > 0):
+            raise SolverError(f"focus, focus_width_noise and focus_width_data must be positive, got {self.focus}, "
+                              f"{self.focus_width_noise}, {self.focus_width_data}.")
         if self.grid == "user" and not self.times:
             raise SolverError("grid='user' needs times=[T, ..., eps].")
 
 
 @dataclasses.dataclass
 class _MultistepOptions(_GridOptions):
-    order: int = 3                     # polynomial order k (1 = DDIM); the first steps ramp up 1, 2, ..
+    order: int = 4                     # polynomial order k (1 = DDIM); the first steps ramp up 1, 2, ..
     variable: Literal["log_snr", "sigma", "angle"] = "angle"   # x̂_0 in λ (DPM-Solver++), ε̂ in σ (Adams–Bashforth), F in arctan(σ/σ_data)
     corrector: bool = True             # re-fit through the new point and redo the step (no extra NFE)
     lower_order_final: bool = True     # order ≤ 2 on the last step when steps < 15 (the step nearest the data is the stiffest)
 
     def validate(self):
-        if self.order not in (1, 2, 3):
-            raise SolverError(f"order must be 1, 2 or 3, got {self.order}.")
+        if self.order not in ORDERS:
+            raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
         super().validate()
 
 
 @register
 class Multistep(Solver):
-    """Exponential-integrator multistep PF-ODE solver of order 1–3, one score evaluation per step."""
+    """Exponential-integrator multistep PF-ODE solver of order 1–4, one score evaluation per step."""
 
     name = "multistep"
     stochastic = False
@@ -240,7 +250,7 @@ class Multistep(Solver):
                 raise SolverError(f"steps={steps} but times has {len(o.times) - 1} steps; give one or the other.")
             return time_grid(sde, eps, len(o.times) - 1, "user", times=o.times)
         return time_grid(sde, eps, steps or self.default_step_count, o.grid, o.rho,
-                         focus_sigma=o.focus * sigma_data, focus_width=o.focus_width)
+                         focus_sigma=o.focus * sigma_data, focus_width=(o.focus_width_noise, o.focus_width_data))
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
@@ -248,7 +258,7 @@ class Multistep(Solver):
         sigma_data = self.sigma_data(score)
         ts = self.grid(sde, eps, steps, sigma_data).tolist()
         n = len(ts) - 1
-        state = _ExponentialState(sde, score, x, o.variable, sigma_data)
+        state = _ExponentialState(sde, score, x, o.variable, sigma_data, history=o.order)
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
         for i in range(n):
@@ -323,8 +333,8 @@ class _AdaptiveOptions:
     first_step: float = 0.05           # the first step, as a fraction of the λ range
 
     def validate(self):
-        if self.order not in (1, 2, 3):
-            raise SolverError(f"order must be 1, 2 or 3, got {self.order}.")
+        if self.order not in ORDERS:
+            raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
         if self.rtol <= 0 or self.atol <= 0:
             raise SolverError(f"rtol and atol must be positive, got rtol={self.rtol}, atol={self.atol}.")
         if not 0 < self.first_step <= 1:
@@ -355,7 +365,7 @@ class AdaptiveMultistep(Multistep):
         lam_end, lam = _lam(sde, eps), _lam(sde, sde.T)
         h = o.first_step * (lam_end - lam)
         t = sde.T
-        state = _ExponentialState(sde, score, x, o.variable, self.sigma_data(score))
+        state = _ExponentialState(sde, score, x, o.variable, self.sigma_data(score), history=o.order)
         value, node = state.evaluate(x, t)
         nodes, values = [node], [value]
         batch = x.shape[0]

@@ -45,7 +45,7 @@ SAMPLERS: dict[str, Sampler] = {
     "pc": Sampler("pc", nfe_per_step=2, label="predictor-corrector (reverse diffusion + Langevin)"),
     "ald": Sampler("ald", nfe_per_step=1, label="annealed Langevin dynamics"),
     "ddim": Sampler("ddim", label="DDIM (eta = 0): PF-ODE, first-order exponential integrator"),
-    "multistep": Sampler("multistep", label="PF-ODE, multistep exponential integrator (order 3 + corrector)"),
+    "multistep": Sampler("multistep", label="PF-ODE, multistep exponential integrator (order 4 + corrector)"),
     "heun": Sampler("heun", nfe_per_step=2, label="PF-ODE, Heun on EDM's grid"),
     "multistep_adaptive": Sampler("multistep_adaptive", nfe_per_step=None, label="PF-ODE, adaptive multistep"),
     "pf_ode_euler": Sampler("pf_ode", {"method": "euler"}, 1, "PF-ODE, Euler"),
