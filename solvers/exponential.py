@@ -324,7 +324,7 @@ class Heun(Multistep):
 
 @dataclasses.dataclass
 class _AdaptiveOptions:
-    order: int = 3                     # predictor order k; the corrector makes the accepted step order k + 1
+    order: int = 4                     # predictor order k; the corrector makes the accepted step order k + 1
     variable: Literal["log_snr", "sigma", "angle"] = "angle"
     sigma_data: Optional[float] = None  # the data's per-dimension std; None: the score's own, else 1
     rtol: float = 1e-3                 # relative tolerance of the local error
