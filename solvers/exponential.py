@@ -82,7 +82,7 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
         ends = [lam - lam_c for lam in (lam_T, lam_eps)]
         cdf = torch.linspace(*[width(v) * math.atan(math.sinh(v / width(v))) for v in ends], steps + 1,
                              dtype=torch.float64)
-        w = torch.where(cdf < 0, noisy, clean).to(torch.float64)
+        w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
         lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
     else:
         raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")

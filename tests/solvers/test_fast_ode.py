@@ -67,7 +67,7 @@ def test_fourth_order_beats_third(problems, name, variable):
     multistep method does), and their local errors, one step each, decay only as h², h³, h⁴. On the log-SNR grid
     at 200–800 steps the measured slopes are −4.4 to −5.0 with the corrector (−4.4 on VE in σ) and −3.6 to −3.9
     without it (−2.4 on VE in λ, where the start's h² term is already showing). What must hold: with the corrector
-    it converges faster than order 4 − 0.35, and it is more accurate than order 3 at every step count."""
+    it converges at least at order 4, and it is more accurate than order 3 at every step count."""
     sde, score, z, exact = problems[name]
     steps = [200, 400, 800]
     errors = {}
@@ -79,7 +79,7 @@ def test_fourth_order_beats_third(problems, name, variable):
                  - exact).pow(2).sum(1).mean().sqrt().item() for n in steps]
     slope = float(np.polyfit(np.log(steps), np.log(errors[4, True]), 1)[0])
     print(name, variable, {k: ['%.1e' % e for e in v] for k, v in errors.items()}, f"slope {slope:.2f}")
-    assert slope < -4 + 0.35, (slope, errors[4, True])
+    assert slope < -4, (slope, errors[4, True])
     for corrector in (False, True):
         assert all(e4 < e3 for e4, e3 in zip(errors[4, corrector], errors[3, corrector])), errors
 
@@ -168,7 +168,7 @@ def test_focus_grid_spacing():
         t = time_grid(sde, 1e-3, 16, "focus", focus_sigma=2.0, focus_width=(noisy, clean))
         lam = sde.half_log_snr(t)
         v = lam + math.log(2.0)
-        w = torch.where(v < 0, noisy, clean).to(F64)
+        w = torch.full_like(v, clean).masked_fill(v < 0, noisy)
         cdf = w * torch.atan(torch.sinh(v / w))
         assert (v[0] < 0 < v[-1]) and t[0].item() == sde.T and t[-1].item() == 1e-3
         torch.testing.assert_close(cdf.diff(), torch.full((16,), cdf.diff().mean().item(), dtype=F64))
