@@ -217,10 +217,10 @@ def mode_switches() -> str:
             peer_rms = rms_distance(runs[PEER_3M], exact)
             for label, x in runs.items():
                 d = (x - exact).pow(2).sum(1).sqrt()
+                rms = d.pow(2).mean().sqrt().item()
                 switched = torch.cdist(x, mix.means).argmin(1) != mode
-                lines.append(f"| {sde_name} | {budget} | {label} | {d.pow(2).mean().sqrt():.3f} | "
-                             f"{int(switched.sum())} | {d[~switched].pow(2).mean().sqrt():.2e} | "
-                             f"{rms_distance(x, exact) / peer_rms:.2f} |")
+                lines.append(f"| {sde_name} | {budget} | {label} | {rms:.3f} | {int(switched.sum())} | "
+                             f"{d[~switched].pow(2).mean().sqrt():.2e} | {rms / peer_rms:.2f} |")
         print("\n".join(lines[-2 * len(SWITCH_BUDGETS):]), flush=True)
     return "\n".join(lines)
 
