@@ -15,9 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import solvers
+from core_lib import UserError
 from tasks_lib import TASKS, overridden_keys, register_configs, summary
-from training import TrainingError
 
 register_configs()
 
@@ -27,8 +26,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = TASKS[cfg.task.name](cfg, out, overridden_keys(HydraConfig.get().overrides.task))
-    except (solvers.SolverError, solvers.NonFiniteError, ValueError, TypeError, TrainingError) as err:
-        # ValueError covers models.CheckpointError and data_lib.DataError.
+    except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary(metrics))

@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from train_quality import OUT, ROOT, train_once  # noqa: E402
+from benchmarks.train_quality import OUT, ROOT, train_once  # noqa: E402
 
 MODELS = {
     "DDPM": ("vp", ["task.loss=ddpm", "model.parameterization=eps", "model.time_input=index"]),

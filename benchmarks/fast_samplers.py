@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
 import time
 
 import matplotlib
@@ -35,10 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import solvers  # noqa: E402
-from core_vs_reference import reference_log_likelihood, reference_ode_sample  # noqa: E402
+from benchmarks.core_vs_reference import reference_log_likelihood, reference_ode_sample  # noqa: E402
 from models import MixtureScore, MLPScoreNet, ScoreModel, random_mixture, ring_mixture  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
@@ -82,7 +79,7 @@ def dpm_solver_pp_3m(sde, score, z: torch.Tensor, steps: int, eps: float, exact:
     interpolating polynomial exactly instead (φ₂ D₁ at second order, 2 φ₃ D₂ at third), which
     ``tests/solvers/test_fast_ode.py`` checks against ``multistep``.
     """
-    from solvers.exponential import time_grid
+    from solvers.grids import time_grid
 
     ts = time_grid(sde, eps, steps, "log_snr").tolist()
     ones = torch.ones(z.shape[0], dtype=z.dtype)

@@ -25,7 +25,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 PRETRAINED_DIR = ROOT / "models" / "pretrained"
-sys.path.insert(0, str(ROOT))
 from models.checkpoint import export_checkpoint  # noqa: E402
 
 

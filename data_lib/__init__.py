@@ -10,7 +10,7 @@ Public API::
 Nothing is downloaded: data are generated, or read from scikit-learn's bundled files or the user's.
 """
 from data_lib.dataset import DataError, Dataset
-from data_lib.load import AVAILABLE, load_dataset
+from data_lib.load import AVAILABLE, DATASETS, load_dataset
 from data_lib.quantization import dequantize
 
-__all__ = ["load_dataset", "AVAILABLE", "Dataset", "DataError", "dequantize"]
+__all__ = ["load_dataset", "AVAILABLE", "DATASETS", "Dataset", "DataError", "dequantize"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import types
 import typing
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from core_lib import UserError, value_matches
 from models import GaussianMixture
 
 Tensor = torch.Tensor
@@ -19,7 +18,7 @@ Tensor = torch.Tensor
 __all__ = ["Dataset", "DataError"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data: wrong shape, NaN/inf, unreadable file, unknown dataset name or option."""
 
 
@@ -92,7 +91,7 @@ def check_levels(levels: typing.Any) -> int:
 
 def check_data_range(data_range: typing.Any) -> tuple[float, float]:
     """``data_range`` as (low, high) floats with high > low, or DataError."""
-    if (not _matches(data_range, tuple[float, float])
+    if (not value_matches(data_range, tuple[float, float])
             or not np.isfinite(data_range).all() or not data_range[1] > data_range[0]):
         raise DataError(f"data_range must be (low, high) with finite low < high, got {data_range!r}.")
     return float(data_range[0]), float(data_range[1])
@@ -124,65 +123,5 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def build_options(options_cls: type, given: dict, dataset: str):
-    """Instantiate the dataclass ``options_cls`` from ``given``, refusing unknown names and wrong types."""
-    hints = typing.get_type_hints(options_cls)
-    unknown = sorted(set(given) - set(hints))
-    if unknown:
-        valid = ", ".join(f.name for f in dataclasses.fields(options_cls)) or "none"
-        raise DataError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                        f"for dataset '{dataset}'; valid options: {valid}.")
-    values = {}
-    for key, value in given.items():
-        if not _matches(value, hints[key]):
-            raise DataError(f"option {key!r} of dataset '{dataset}' must be {_describe(hints[key])}, "
-                            f"got {value!r}.")
-        # Ints are accepted where floats are declared, lists (e.g. from a YAML config) where
-        # tuples are; both are stored in the declared type.
-        members = _members(hints[key])
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            value = tuple(float(v) for v in value)
-        elif value is not None and float in members and int not in members:
-            value = float(value)
-        values[key] = value
-    opts = options_cls(**values)
-    opts.validate()
-    return opts
-
-
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _members(hint) -> tuple:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return typing.get_args(hint)
-    return (hint,)
-
-
-def _matches(value, hint) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_matches(value, member) for member in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is int:
-        return _is_int(value)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if typing.get_origin(hint) is tuple:
-        args = typing.get_args(hint)
-        return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == len(args)
-                and all(_matches(v, a) for v, a in zip(value, args)))
-    return isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(member) for member in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    if typing.get_origin(hint) is tuple:
-        return "(" + ", ".join(_describe(a) for a in typing.get_args(hint)) + ")"
-    if hint is float:
-        return "a number"
-    return getattr(hint, "__name__", str(hint))

@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Callable
 
 from data_lib import stored, toy
-from data_lib.dataset import DataError, Dataset, _is_int, build_options
+from core_lib import build_options
+from data_lib.dataset import DataError, Dataset, _is_int
 
-__all__ = ["load_dataset", "AVAILABLE"]
+__all__ = ["load_dataset", "AVAILABLE", "DATASETS"]
 
-# name -> (options dataclass with the defaults, loader(options, n_train, n_test, seed)).
-_LOADERS: dict[str, tuple[type, Callable[..., Dataset]]] = {
+#: The data-set registry: name -> (options dataclass with the defaults, loader(options, n_train, n_test, seed)).
+#: A new data set is one loader and its options dataclass, registered here, plus ``conf/data/<name>.yaml``.
+DATASETS: dict[str, tuple[type, Callable[..., Dataset]]] = {
     "ring": (toy._RingOptions, toy._load_ring),
     "mix16d": (toy._Mix16dOptions, toy._load_mix16d),
     "swiss_roll": (toy._SwissRollOptions, toy._load_swiss_roll),
@@ -19,7 +21,7 @@ _LOADERS: dict[str, tuple[type, Callable[..., Dataset]]] = {
     "array": (stored._ArrayOptions, stored._load_array),
 }
 
-AVAILABLE: tuple[str, ...] = tuple(_LOADERS)
+AVAILABLE: tuple[str, ...] = tuple(DATASETS)
 
 
 def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: int = 0,
@@ -29,8 +31,9 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
     Data sets and their options (defaults in brackets):
 
     - ``"ring"``: ``models.ring_mixture``, 2-D, ``mixture`` set (exact density).
-    - ``"mix16d"``: ``models.random_mixture`` (16-D, 5 full-covariance Gaussians), ``mixture`` set.
       n_modes [8], radius [4.0], std [0.3].
+    - ``"mix16d"``: ``models.random_mixture`` (16-D, 5 full-covariance Gaussians), ``mixture`` set.
+      dim [16], n_modes [5], mixture_seed [0].
     - ``"swiss_roll"``: t·(cos t, sin t)/5 + noise, t ~ U[1.5π, 4.5π]; std ≈ 1.3 per coordinate.
       noise [0.2].
     - ``"moons"``: two half circles of radius 2 (sklearn's moons, centred, ×2); std ≈ (1.7, 1.0).
@@ -59,12 +62,12 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
     Raises:
         DataError: unknown name or option, bad counts or seed, bad file or array.
     """
-    if name not in _LOADERS:
+    if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(AVAILABLE)}.")
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
         if not _is_int(value) or value < 1:
             raise DataError(f"{arg} must be a positive integer, got {value!r}.")
     if not _is_int(seed) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
-    options_cls, load = _LOADERS[name]
-    return load(build_options(options_cls, options, name), int(n_train), int(n_test), int(seed))
+    options_cls, load = DATASETS[name]
+    return load(build_options(options_cls, options, f"dataset '{name}'", DataError), int(n_train), int(n_test), int(seed))

@@ -21,16 +21,17 @@ from typing import Any
 import torch
 
 import sde_lib
+from models.errors import ModelError
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "export_checkpoint", "build_from_spec",
-           "load_checkpoint", "LoadedModel"]
+           "model_spec", "load_checkpoint", "LoadedModel", "TRAINING_KEYS"]
 
 FORMAT = "scoreflow-checkpoint-v1"
 _REQUIRED = ("format", "model_spec", "ema", "step", "config")  # enough to sample; resuming needs TRAINING_KEYS too
 TRAINING_KEYS = ("model", "ema_updates", "optimizer", "rng")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that is missing, unreadable, of another format or that does not fit its model."""
 
 
@@ -93,20 +94,40 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format")})
 
 
+def model_spec(model, data_info: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``model_spec`` for a ``ScoreModel`` built by ``build_score_model``: everything that rebuilds it.
+
+    ``data_info`` is what the likelihood needs about the data: ``{"name", "levels", "data_range"}``.
+    """
+    net_spec = getattr(model.net, "spec", None)
+    if net_spec is None:
+        raise ModelError("the model's network was not built by models.build_network (it has no .spec), so a "
+                         "checkpoint could not rebuild it; build it with models.build_score_model.")
+    sde = model.sde
+    return {
+        "sde": {"class": type(sde).__name__, **sde.hparams()},
+        "net": dict(net_spec),
+        "parameterization": model.parameterization,
+        "time_input": model.time_input,
+        "sigma_data": model.sigma_data,
+        "data": dict(data_info),
+    }
+
+
 def build_from_spec(spec: dict[str, Any]):
     """(sde, score model) rebuilt from a checkpoint's ``model_spec``, with freshly initialised weights."""
-    from models.networks import ScoreModel, build_network
+    from models.networks import build_score_model
 
     sde_spec = dict(spec["sde"])
     cls_name = sde_spec.pop("class")
-    sde_cls = getattr(sde_lib, cls_name, None)
-    if not (isinstance(sde_cls, type) and issubclass(sde_cls, sde_lib.SDE)):
-        raise CheckpointError(f"checkpoint names an unknown SDE class {cls_name!r}.")
-    sde = sde_cls(**sde_spec)
+    by_class = {cls.__name__: name for name, cls in sde_lib.SDES.items()}
+    if cls_name not in by_class:
+        raise CheckpointError(f"checkpoint names an unknown SDE class {cls_name!r} (known: {', '.join(by_class)}).")
+    sde = sde_lib.get_sde(by_class[cls_name], **sde_spec)
     net_spec = dict(spec["net"])
-    net = build_network(net_spec.pop("kind"), tuple(net_spec.pop("event_shape")), **net_spec)
-    model = ScoreModel(net, sde, parameterization=spec["parameterization"], sigma_data=spec["sigma_data"],
-                       time_input=spec["time_input"])
+    model = build_score_model(sde, net_spec.pop("kind"), tuple(net_spec.pop("event_shape")),
+                              parameterization=spec["parameterization"], time_input=spec["time_input"],
+                              sigma_data=spec["sigma_data"], **net_spec)
     return sde, model
 
 
@@ -116,7 +137,7 @@ class LoadedModel:
 
     Attributes:
         sde: the forward SDE it was trained with.
-        score_fn: the score model with the EMA weights, in eval mode: ``score_fn(x, t)``.
+        score_fn: the score model with the EMA weights, in eval mode: ``score_fn(x, t, **cond)``.
         config: the resolved config of the training run (a plain dict).
         step: the training step the checkpoint was written at.
         event_shape: the shape of one sample.

@@ -1,4 +1,4 @@
-"""Exact Gaussian-mixture scores under any linear SDE (MATH.md §8).
+"""Exact Gaussian-mixture scores under any linear SDE (docs/math.md §8).
 
 If p_0 = Σ_k w_k N(μ_k, Σ_k), then p_t = Σ_k w_k N(α μ_k, α² Σ_k + s² I). With
 Σ_k = U_k diag(λ_k) U_kᵀ, every component's covariance at time t is U_k diag(α² λ_k + s²) U_kᵀ,
@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from models.errors import ModelError
+from models.networks import given_cond
 from sde_lib import SDE
 
 Tensor = torch.Tensor
@@ -31,12 +33,12 @@ class GaussianMixture:
     def __init__(self, weights, means, covs, event_shape: tuple[int, ...] | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2:
-            raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}.")
+            raise ModelError(f"means must have shape (K, D), got {tuple(means.shape)}.")
         K, D = means.shape
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (K,) or not (torch.isfinite(weights).all() and (weights >= 0).all()
                                          and weights.sum() > 0):
-            raise ValueError(f"weights must be {K} non-negative numbers with a positive sum.")
+            raise ModelError(f"weights must be {K} non-negative numbers with a positive sum.")
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.shape == (K,):
             covs = covs[:, None].expand(K, D)
@@ -45,21 +47,21 @@ class GaussianMixture:
         elif covs.shape == (K, D, D):
             eigvals, eigvecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
         else:
-            raise ValueError(f"covs must have shape (K,), (K, D) or (K, D, D) with K={K}, D={D}; "
+            raise ModelError(f"covs must have shape (K,), (K, D) or (K, D, D) with K={K}, D={D}; "
                              f"got {tuple(covs.shape)}.")
         if covs.dim() == 3 and not torch.allclose(covs, covs.transpose(1, 2), rtol=1e-10, atol=1e-12):
-            raise ValueError("every mixture covariance must be symmetric.")
+            raise ModelError("every mixture covariance must be symmetric.")
         if not (torch.isfinite(means).all() and torch.isfinite(covs).all()):
-            raise ValueError("mixture means and covariances must be finite.")
+            raise ModelError("mixture means and covariances must be finite.")
         if not (eigvals > 0).all():
-            raise ValueError("every mixture covariance must be positive definite.")
+            raise ModelError("every mixture covariance must be positive definite.")
         self.weights = weights / weights.sum()
         self.means = means
         self.eigvals = eigvals
         self.eigvecs = eigvecs
         self.event_shape = tuple(event_shape) if event_shape is not None else (D,)
         if math.prod(self.event_shape) != D:
-            raise ValueError(f"event_shape {self.event_shape} does not hold D={D} values.")
+            raise ModelError(f"event_shape {self.event_shape} does not hold D={D} values.")
 
     @property
     def dim(self) -> int:
@@ -109,7 +111,7 @@ class GaussianMixture:
     def _components(self, flat: Tensor, alpha: Tensor, var: Tensor):
         """log p_t and score for flat x (B, D), given α (B,) and s² (B,) at each sample's t."""
         if flat.shape[1] != self.dim:
-            raise ValueError(f"this mixture is over {self.dim} dimensions (samples of shape {self.event_shape}), "
+            raise ModelError(f"this mixture is over {self.dim} dimensions (samples of shape {self.event_shape}), "
                              f"got data with {flat.shape[1]} per sample; use shape (B, {', '.join(map(str, self.event_shape))}).")
         dtype, device = flat.dtype, flat.device
         U = self.eigvecs.to(dtype=dtype, device=device)                     # (K, D, D)
@@ -140,7 +142,7 @@ def _nearest_mode_stats(means: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 class MixtureScore(torch.nn.Module):
     """The exact score ∇ₓ log p_t of a Gaussian mixture diffused by ``sde``: a ready ``score_fn``.
 
-    ``score_fn(x, t)`` takes x of shape (B, *event_shape) and t of shape (B,) and returns the
+    ``score_fn(x, t, **cond)`` takes x of shape (B, *event_shape) and t of shape (B,) and returns the
     score in the shape of x. ``log_prob(x, t)`` is the exact log p_t(x) per sample (nats).
     Computations run in the dtype of x; use float64 for reference solutions.
     """
@@ -155,7 +157,8 @@ class MixtureScore(torch.nn.Module):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
         return self.sde.log_mean_coeff(t).exp(), self.sde.marginal_var(t)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        given_cond(cond, self)
         alpha, var = self._coeffs(x, t)
         return self.mixture._components(x.flatten(1), alpha, var)[1].reshape(x.shape)
 

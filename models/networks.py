@@ -1,8 +1,8 @@
-"""Score networks and the wrapper that turns any network output into ``score_fn(x, t)``.
+"""Score networks and the wrapper that turns any network output into ``score_fn(x, t, **cond)``.
 
 Networks (``MLPScoreNet`` for flat low-dimensional data, ``UNet`` for small images) map
 ``(x, t)`` with t ∈ [0, 1] of shape (B,) to a tensor of the shape of x. What that output *means*
-(ε, the score, or x̂₀; MATH.md §5) is decided in exactly one place, ``ScoreModel``, which also
+(ε, the score, or x̂₀; docs/math.md §5) is decided in exactly one place, ``ScoreModel``, which also
 preconditions the network input. Both networks zero-initialise their last layer, so an untrained
 network outputs 0 (an "eps" ``ScoreModel`` then returns the zero score).
 """
@@ -15,25 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.errors import ModelError
 from sde_lib import SDE, batch_broadcast
 
 Tensor = torch.Tensor
 
 __all__ = ["GaussianFourierEmbedding", "SinusoidalEmbedding", "MLPScoreNet", "UNet", "ScoreModel",
-           "build_network", "PARAMETERIZATIONS", "EMBEDDINGS", "NETWORKS"]
+           "build_network", "build_score_model", "given_cond", "PARAMETERIZATIONS", "EMBEDDINGS", "NETWORKS",
+           "DERIVED_ARGS", "TIME_INPUTS"]
 
 
 # ---- time embeddings ----------------------------------------------------------------------------
 
 def _check_time(t: Tensor) -> Tensor:
     if t.dim() != 1:
-        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}.")
+        raise ModelError(f"t must have shape (B,), got {tuple(t.shape)}.")
     return t
 
 
 def _check_embed_dim(dim: int) -> None:
     if int(dim) != dim or dim < 2 or dim % 2:
-        raise ValueError(f"embedding dim must be an even integer >= 2, got {dim!r}.")
+        raise ModelError(f"embedding dim must be an even integer >= 2, got {dim!r}.")
 
 
 class GaussianFourierEmbedding(nn.Module):
@@ -54,7 +56,7 @@ class GaussianFourierEmbedding(nn.Module):
         super().__init__()
         _check_embed_dim(dim)
         if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}.")
+            raise ModelError(f"scale must be positive, got {scale!r}.")
         self.dim = int(dim)
         self.register_buffer("W", torch.randn(self.dim // 2) * scale)
 
@@ -94,7 +96,7 @@ EMBEDDINGS: dict[str, type[nn.Module]] = {"fourier": GaussianFourierEmbedding,
 
 def _make_embedding(name: str, dim: int) -> nn.Module:
     if name not in EMBEDDINGS:
-        raise ValueError(f"unknown embedding {name!r}; available: {', '.join(EMBEDDINGS)}.")
+        raise ModelError(f"unknown embedding {name!r}; available: {', '.join(EMBEDDINGS)}.")
     return EMBEDDINGS[name](dim)
 
 
@@ -112,7 +114,7 @@ def _zero_(layer: nn.Module) -> nn.Module:
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        raise ModelError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
 
@@ -163,7 +165,7 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if x.dim() < 2 or x[0].numel() != self.dim:
-            raise ValueError(f"MLPScoreNet(dim={self.dim}) takes x of shape (B, ...) with {self.dim} values "
+            raise ModelError(f"MLPScoreNet(dim={self.dim}) takes x of shape (B, ...) with {self.dim} values "
                              f"per sample, got {tuple(x.shape)}.")
         temb = self.time_embed(t)
         h = self.input(x.flatten(1))
@@ -276,13 +278,13 @@ class UNet(nn.Module):
         groups = _positive_int("groups", groups)
         channel_mults = tuple(_positive_int("each channel multiplier", m) for m in channel_mults)
         if not channel_mults:
-            raise ValueError("channel_mults must list at least one level.")
+            raise ModelError("channel_mults must list at least one level.")
         levels = len(channel_mults)
         if not _is_power_of_two(self.image_size) or self.image_size < 2 ** (levels - 1):
-            raise ValueError(f"image_size must be a power of two >= 2^(levels - 1) = {2 ** (levels - 1)} "
+            raise ModelError(f"image_size must be a power of two >= 2^(levels - 1) = {2 ** (levels - 1)} "
                              f"for {levels} levels, got {image_size}.")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+            raise ModelError(f"dropout must be in [0, 1), got {dropout!r}.")
         attn_resolutions = set(attn_resolutions)
 
         temb_dim = 4 * base_channels
@@ -339,7 +341,7 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"UNet expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
+            raise ModelError(f"UNet expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
         temb = self.time_embed(t)
         h = self.conv_in(x)
         skips = [h]
@@ -365,8 +367,21 @@ PARAMETERIZATIONS = ("eps", "score", "x0")
 TIME_INPUTS = ("log_snr", "t", "index")
 
 
+def given_cond(cond: dict, model: nn.Module) -> dict:
+    """The conditioning inputs that are set (a None value is the unconditional branch), checked against ``model``.
+
+    A model takes conditioning when it declares ``conditional = True``; an unconditional one is
+    refused any set input with a clear error rather than a TypeError deep in its forward.
+    """
+    given = {k: v for k, v in cond.items() if v is not None}
+    if given and not getattr(model, "conditional", False):
+        raise ModelError(f"this model is unconditional and takes no conditioning inputs (got {', '.join(given)}); "
+                         "drop cond, or use a model trained with them.")
+    return given
+
+
 class ScoreModel(nn.Module):
-    """Wraps a network ``net(x, t)`` as a score model ``score_fn(x, t)`` ≈ ∇ₓ log p_t(x) (MATH.md §5).
+    """Wraps a network ``net(x, t)`` as a score model ``score_fn(x, t, **cond)`` ≈ ∇ₓ log p_t(x) (docs/math.md §5).
 
     With α = α(t) = exp(sde.log_mean_coeff(t)) and s = s(t) = sde.marginal_std(t), so that
     x_t = α x₀ + s ε, the network output ``out`` is read as
@@ -408,11 +423,11 @@ class ScoreModel(nn.Module):
                  time_input: str = "log_snr"):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}.")
+            raise ModelError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}.")
         if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data!r}.")
+            raise ModelError(f"sigma_data must be positive, got {sigma_data!r}.")
         if time_input not in TIME_INPUTS:
-            raise ValueError(f"unknown time_input {time_input!r}; valid: {', '.join(TIME_INPUTS)}.")
+            raise ModelError(f"unknown time_input {time_input!r}; valid: {', '.join(TIME_INPUTS)}.")
         self.net = net
         self.sde = sde
         self.parameterization = parameterization
@@ -439,24 +454,24 @@ class ScoreModel(nn.Module):
         lam = self.sde.half_log_snr(t.clamp_min(self.T_MIN))
         return ((self._lam_hi - lam) / (self._lam_hi - self._lam_lo)).to(t.dtype)
 
-    def _evaluate(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _evaluate(self, x: Tensor, t, cond: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The network output, and α, s and c_in broadcast against x."""
         if x.dim() < 1:
-            raise ValueError(f"x must have shape (B, ...), got {tuple(x.shape)}.")
+            raise ModelError(f"x must have shape (B, ...), got {tuple(x.shape)}.")
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},) for x of shape "
+            raise ModelError(f"t must be a scalar or have shape ({x.shape[0]},) for x of shape "
                              f"{tuple(x.shape)}, got {tuple(t.shape)}.")
         alpha = batch_broadcast(self.sde.log_mean_coeff(t).exp().to(x.dtype), x)
         std = batch_broadcast(self.sde.marginal_std(t).to(x.dtype), x)
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
-        return self.net(c_in * x, self.network_time(t)), alpha, std, c_in
+        return self.net(c_in * x, self.network_time(t), **given_cond(cond, self.net)), alpha, std, c_in
 
-    def forward(self, x: Tensor, t) -> Tensor:
+    def forward(self, x: Tensor, t, **cond) -> Tensor:
         """The score s_θ(x, t), shape of x; t of shape (B,) (or a scalar for the whole batch)."""
-        out, alpha, std, c_in = self._evaluate(x, t)
+        out, alpha, std, c_in = self._evaluate(x, t, cond)
         if self.parameterization == "eps":
             return -out / std
         if self.parameterization == "score":
@@ -465,18 +480,18 @@ class ScoreModel(nn.Module):
 
     score_fn = forward
 
-    def eps(self, x: Tensor, t) -> Tensor:
+    def eps(self, x: Tensor, t, **cond) -> Tensor:
         """The ε-prediction −s(t)·s_θ(x, t) (the target of DDPM's L_simple), shape of x."""
-        out, alpha, std, c_in = self._evaluate(x, t)
+        out, alpha, std, c_in = self._evaluate(x, t, cond)
         if self.parameterization == "eps":
             return out
         if self.parameterization == "score":
             return -std * out
         return std * c_in**2 * x - alpha * self.sigma_data * c_in * out
 
-    def x0(self, x: Tensor, t) -> Tensor:
+    def x0(self, x: Tensor, t, **cond) -> Tensor:
         """Tweedie's denoised estimate x̂₀ = (x + s(t)² s_θ(x, t))/α(t), shape of x."""
-        out, alpha, std, c_in = self._evaluate(x, t)
+        out, alpha, std, c_in = self._evaluate(x, t, cond)
         if self.parameterization == "eps":
             return (x - std * out) / alpha
         if self.parameterization == "score":
@@ -488,6 +503,8 @@ class ScoreModel(nn.Module):
 
 #: Network kind → class, for ``build_network`` (and a ``conf/model/<kind>.yaml``).
 NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLPScoreNet, "unet": UNet}
+#: The constructor arguments of each kind that ``build_network`` derives from the event shape.
+DERIVED_ARGS: dict[str, tuple[str, ...]] = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}
 
 
 def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Module:
@@ -495,25 +512,34 @@ def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Modul
 
     "mlp": ``MLPScoreNet(dim=prod(event_shape), **kwargs)`` (any event shape; flattened inside).
     "unet": ``UNet(in_channels=C, image_size=H, **kwargs)`` for event_shape (C, H, W), H == W a
-    power of two.
+    power of two. The network keeps what rebuilds it as ``net.spec`` (kind, event shape, kwargs),
+    which checkpoints store.
     """
     if kind not in NETWORKS:
-        raise ValueError(f"unknown network kind {kind!r}; available: {', '.join(NETWORKS)}.")
+        raise ModelError(f"unknown network kind {kind!r}; available: {', '.join(NETWORKS)}.")
     try:
         shape = tuple(operator.index(n) for n in event_shape)
     except TypeError:
         shape = ()
     if not shape or min(shape) < 1:
-        raise ValueError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
+        raise ModelError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
     event_shape = shape
-    derived = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}[kind]
-    clash = sorted(set(derived) & set(kwargs))
+    clash = sorted(set(DERIVED_ARGS[kind]) & set(kwargs))
     if clash:
-        raise ValueError(f"{', '.join(clash)} for a {kind} network come from event_shape; do not pass them.")
+        raise ModelError(f"{', '.join(clash)} for a {kind} network come from event_shape; do not pass them.")
     if kind == "mlp":
-        return MLPScoreNet(math.prod(event_shape), **kwargs)
-    if len(event_shape) != 3 or event_shape[1] != event_shape[2] or not _is_power_of_two(event_shape[1]):
-        raise ValueError(f"a unet needs event_shape (C, H, W) with H == W a power of two, e.g. (1, 8, 8) or "
-                         f"(3, 32, 32); got {event_shape}.")
-    C, H, _ = event_shape
-    return UNet(in_channels=C, image_size=H, **kwargs)
+        net = MLPScoreNet(math.prod(event_shape), **kwargs)
+    else:
+        if len(event_shape) != 3 or event_shape[1] != event_shape[2] or not _is_power_of_two(event_shape[1]):
+            raise ModelError(f"a unet needs event_shape (C, H, W) with H == W a power of two, e.g. (1, 8, 8) or "
+                             f"(3, 32, 32); got {event_shape}.")
+        net = UNet(in_channels=event_shape[0], image_size=event_shape[1], **kwargs)
+    net.spec = {"kind": kind, "event_shape": list(event_shape), **kwargs}
+    return net
+
+
+def build_score_model(sde: SDE, kind: str, event_shape: tuple[int, ...], parameterization: str = "x0",
+                      time_input: str = "log_snr", sigma_data: float = 1.0, **net_kwargs) -> ScoreModel:
+    """A ``ScoreModel`` around a fresh ``build_network(kind, event_shape, **net_kwargs)``: what ``task=train`` trains."""
+    return ScoreModel(build_network(kind, event_shape, **net_kwargs), sde, parameterization=parameterization,
+                      sigma_data=sigma_data, time_input=time_input)

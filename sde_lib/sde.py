@@ -16,10 +16,17 @@ from typing import Callable
 
 import torch
 
+from core_lib import UserError
+
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "ReverseSDE", "batch_broadcast"]
+__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "ReverseSDE", "batch_broadcast", "SDEError", "SDES", "get_sde",
+           "sde_name"]
+
+
+class SDEError(UserError):
+    """Bad SDE settings: hyperparameters out of range, or a step count with no valid chain."""
 
 
 def batch_broadcast(c: Tensor, x: Tensor) -> Tensor:
@@ -41,7 +48,7 @@ class SDE(abc.ABC):
 
     def __init__(self, N: int = 1000):
         if int(N) != N or N < 2:
-            raise ValueError(f"N must be an integer >= 2, got {N!r}.")
+            raise SDEError(f"sde.N: N must be an integer >= 2, got {N!r}.")
         self.N = int(N)
 
     # ---- schedules every SDE defines -------------------------------------------------------
@@ -153,7 +160,7 @@ class SDE(abc.ABC):
         if key not in cache:
             a, v = self.discrete_chain()
             if not bool((a > 0).all() and (v >= 0).all()):
-                raise ValueError(f"{self!r} has no valid {self.N}-step chain (a mean coefficient a_i <= 0, as when "
+                raise SDEError(f"{self!r} has no valid {self.N}-step chain (a mean coefficient a_i <= 0, as when "
                                  f"β_max/N >= 1 for VP): use more steps, or a continuous-time solver "
                                  f"(euler_maruyama, pf_ode).")
             A, m = self.chain_marginals()
@@ -274,8 +281,8 @@ class _VPFamily(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
-        if not 0 < beta_min <= beta_max:
-            raise ValueError(f"need 0 < beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
+        if not (math.isfinite(beta_min) and math.isfinite(beta_max) and 0 < beta_min <= beta_max):
+            raise SDEError(f"sde.beta_min, sde.beta_max: need finite 0 < beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 
@@ -380,8 +387,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
+            raise SDEError(f"sde.sigma_min, sde.sigma_max: need finite 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -418,3 +425,24 @@ class VESDE(SDE):
         var = self.discrete_sigmas() ** 2
         v = torch.cat([var[:1], var[1:] - var[:-1]])
         return torch.ones_like(v), v
+
+
+#: The SDE registry: the name used by ``conf/sde/<name>.yaml``, ``sde=<name>`` and the pretrained
+#: models' file names, to its class. Everything that lists the SDEs reads it from here.
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+
+
+def get_sde(name: str, **hparams) -> SDE:
+    """The SDE registered as ``name`` ("vp", "subvp", "ve") built with ``hparams``, or an SDEError listing the names."""
+    if name not in SDES:
+        raise SDEError(f"unknown SDE {name!r}; available: {', '.join(SDES)}.")
+    return SDES[name](**hparams)
+
+
+def sde_name(sde: SDE | type[SDE]) -> str:
+    """The registry name of an SDE instance or class (the inverse of :data:`SDES`)."""
+    cls = sde if isinstance(sde, type) else type(sde)
+    for name, registered in SDES.items():
+        if cls is registered:
+            return name
+    raise SDEError(f"{cls.__name__} is not a registered SDE; register it in sde_lib.SDES.")

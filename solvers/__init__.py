@@ -2,16 +2,23 @@
 
 Public API::
 
-    solvers.sample(sde, score_fn, shape, solver="pf_ode", steps=None, eps=None, z=None, seed=None, **options)
-    solvers.log_likelihood(sde, score_fn, x, eps=1e-5, rtol=1e-5, atol=1e-5, divergence="exact", **options)
+    solvers.sample(sde, score_fn, shape, solver="pf_ode", steps=None, eps=None, z=None, seed=None,
+                   sigma_data=None, cond=None, **options)
+    solvers.log_likelihood(sde, score_fn, x, eps=1e-5, rtol=1e-5, atol=1e-5, divergence="exact", cond=None, **options)
     solvers.variational_bound(sde, score_fn, x, seed=0, variance=None)   # the discrete chain's bound
-    solvers.available()
+    solvers.available(), solvers.get_solver(name)
+    solvers.time_grid(sde, eps, steps, kind)                             # the grids any fixed-step solver takes
+
+A model is any ``score_fn(x, t, **cond)``; a solver is one module-level class registered with
+``@solvers.register`` plus its ``conf/solver/<name>.yaml``.
 """
 from solvers import exponential, ode, pc  # noqa: F401  (registers the solvers)
-from solvers.base import (NonFiniteError, SampleResult, SolverError, available, get_solver, register,
-                          sample)
+from solvers.base import (DEFAULT_SIGMA_DATA, NonFiniteError, SampleResult, ScoreFn, Solver, SolverError, available,
+                          get_solver, register, resolve_eps, sample)
 from solvers.bound import BoundResult, variational_bound
+from solvers.grids import GRIDS, time_grid
 from solvers.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 
-__all__ = ["sample", "log_likelihood", "variational_bound", "available", "get_solver", "register", "SampleResult",
-           "LikelihoodResult", "BoundResult", "bits_per_dim", "SolverError", "NonFiniteError"]
+__all__ = ["sample", "log_likelihood", "variational_bound", "available", "get_solver", "register", "Solver",
+           "SampleResult", "LikelihoodResult", "BoundResult", "bits_per_dim", "time_grid", "GRIDS", "resolve_eps",
+           "ScoreFn", "DEFAULT_SIGMA_DATA", "SolverError", "NonFiniteError"]

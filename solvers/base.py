@@ -9,29 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import types
-import typing
 from typing import Any, Callable, ClassVar
 
 import torch
 from tqdm import tqdm
 
+from core_lib import UserError, build_options
 from sde_lib import SDE
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+#: The one calling convention of every model: ``score_fn(x (B, ...), t (B,), **cond) -> (B, ...)``, the score
+#: ∇ₓ log p_t(x | cond). ``cond`` holds conditioning inputs by name (empty for an unconditional model).
+ScoreFn = Callable[..., Tensor]
+
+#: The data scale σ_data assumed when neither the caller nor the model gives one.
+DEFAULT_SIGMA_DATA = 1.0
 
 __all__ = ["Solver", "SOLVERS", "register", "available", "get_solver", "sample", "SampleResult",
-           "CountedScore", "SolverError", "NonFiniteError"]
+           "CountedScore", "SolverError", "NonFiniteError", "ScoreFn", "DEFAULT_SIGMA_DATA", "resolve_sigma_data"]
 
 
-class SolverError(ValueError):
+class SolverError(UserError):
     """Bad input to a solver: an unknown name or option, a wrong shape, an incompatible SDE."""
 
 
-class NonFiniteError(RuntimeError):
-    """The score function (or the state it drives) produced NaN or inf."""
+class NonFiniteError(UserError, RuntimeError):
+    """The score function (or the state it drives) produced NaN or inf: the model or the step sizes are at fault."""
 
 
 @dataclasses.dataclass
@@ -59,18 +63,34 @@ class SampleResult:
     trajectory: tuple[Tensor, Tensor] | None = None
 
 
-class CountedScore:
-    """Wraps a ``score_fn(x, t)`` to count its evaluations and check what it returns.
+def resolve_sigma_data(score_fn: ScoreFn, sigma_data: float | None) -> float:
+    """σ_data: the caller's, else the model's own ``sigma_data`` attribute (ScoreModel, MixtureScore), else 1."""
+    value = sigma_data if sigma_data is not None else getattr(score_fn, "sigma_data", None)
+    if value is None:
+        value = DEFAULT_SIGMA_DATA
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise SolverError(f"sigma_data must be a finite positive number (the data's per-dimension std), got {value!r}.")
+    return float(value)
 
-    t may be passed as a scalar tensor; it is expanded to shape (B,). The first call checks the
-    output fully (tensor, shape, finite) so that a broken model fails before any solving;
-    later calls check the shape, which costs nothing on any device.
+
+class CountedScore:
+    """Wraps a ``score_fn(x, t, **cond)`` to count its evaluations and check what it returns.
+
+    t may be passed as a scalar tensor; it is expanded to shape (B,). ``cond`` is passed to every
+    call. The first call checks the output fully (tensor, shape, finite) so that a broken model
+    fails before any solving; later calls check the shape, which costs nothing on any device.
+    ``sigma_data`` is the data scale the solve assumes (:func:`resolve_sigma_data`).
     """
 
-    def __init__(self, score_fn: ScoreFn, record: int = 0, progress: "TimeProgress | None" = None):
+    def __init__(self, score_fn: ScoreFn, record: int = 0, progress: "TimeProgress | None" = None,
+                 cond: dict[str, Any] | None = None, sigma_data: float | None = None):
         if not callable(score_fn):
             raise SolverError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}.")
+        if cond is not None and not isinstance(cond, dict):
+            raise SolverError(f"cond must be a dict of conditioning inputs by name, got {type(cond).__name__}.")
         self.score_fn = score_fn
+        self.cond = dict(cond or {})
+        self.sigma_data = resolve_sigma_data(score_fn, sigma_data)
         self.nfe = 0
         self.record = record
         self.progress = progress
@@ -80,7 +100,7 @@ class CountedScore:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = self.score_fn(x, t)
+        out = self.score_fn(x, t, **self.cond)
         if not torch.is_tensor(out) or out.shape != x.shape:
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
             raise SolverError(f"score_fn returned {got} for input of shape {tuple(x.shape)}; "
@@ -123,33 +143,43 @@ def check_finite(x: Tensor, what: str) -> None:
 
 
 class Solver:
-    """Base class of every sampler. Subclasses set ``name``, ``Options`` and ``run``.
+    """Base class of every sampler. Subclasses set ``name``, ``Options`` and ``run``, and declare what they are.
 
-    ``sde_types`` lists the SDE classes a solver accepts (None: all); a mismatch is refused
-    before the first score evaluation with a message that names what works.
+    What a solver declares is what the rest of the framework asks (``task=compare``, the CLI):
+    ``deterministic`` (no noise after the prior draw: the PF-ODE's samplers, whose target is the
+    flow), and :meth:`nfe_per_step` (score evaluations per step, None when the steps are chosen
+    by tolerances). Every solver works with every SDE (``check_sde``).
     """
 
     name: ClassVar[str]
-    sde_types: ClassVar[tuple[type, ...] | None] = None
-    #: whether ``run`` draws noise after the prior draw
-    stochastic: ClassVar[bool] = True
+    #: one line on what the solver is (the compare table's label)
+    label: ClassVar[str] = ""
+    #: whether ``run`` draws no noise after the prior draw (the samples are a function of z)
+    deterministic: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Options:
         pass
 
     def __init__(self, **options: Any):
-        self.options = _build_options(self.Options, options, self.name)
+        self.options = build_options(self.Options, options, f"solver '{self.name}'", SolverError)
+
+    def nfe_per_step(self) -> int | None:
+        """Score evaluations per step with these options; None when tolerances choose the steps."""
+        return 1
+
+    def likelihood_options(self, steps: int | None) -> dict[str, Any] | None:
+        """``solvers.log_likelihood`` options that integrate the same ODE with the same integrator and budget, or None."""
+        return None
+
+    def bound_options(self) -> dict[str, Any] | None:
+        """``solvers.variational_bound`` options of the chain this solver walks, when its model is one; else None."""
+        return None
 
     @classmethod
     def check_sde(cls, sde: SDE) -> None:
         if not isinstance(sde, SDE):
-            raise SolverError(f"sde must be an sde_lib.SDE (VPSDE, subVPSDE, VESDE), got {type(sde).__name__}.")
-        if cls.sde_types is not None and not isinstance(sde, cls.sde_types):
-            names = ", ".join(t.__name__ for t in cls.sde_types)
-            works = [n for n, s in SOLVERS.items() if s.sde_types is None or isinstance(sde, s.sde_types)]
-            raise SolverError(f"solver '{cls.name}' does not support {type(sde).__name__} (it supports {names}); "
-                              f"solvers that do: {', '.join(works)}.")
+            raise SolverError(f"sde must be an sde_lib.SDE (one of sde_lib.SDES), got {type(sde).__name__}.")
 
     def end_time(self, eps: float) -> float:
         """The time the returned samples belong to: eps, or 0 for samplers that walk the chain to its data."""
@@ -185,44 +215,6 @@ def get_solver(name: str) -> type[Solver]:
         raise SolverError(f"unknown solver {name!r}; available: {', '.join(available())}.") from None
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation) if isinstance(annotation, type) else True
-
-
-def _build_options(options_cls, given: dict, owner: str):
-    hints = typing.get_type_hints(options_cls)
-    fields = {f.name for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(given) - fields)
-    if unknown:
-        valid = ", ".join(sorted(fields)) or "none"
-        raise SolverError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                          f"for {owner}; valid options: {valid}.")
-    for key, value in given.items():
-        if not _type_ok(value, hints[key]):
-            raise SolverError(f"option {key!r} of {owner} must be {_describe(hints[key])}, got {value!r}.")
-    opts = options_cls(**given)
-    if hasattr(opts, "validate"):
-        opts.validate()
-    return opts
-
-
-def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
-    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
-
-
 def _check_steps(steps: Any) -> None:
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise SolverError(f"steps must be a positive integer or None, got {steps!r}.")
@@ -239,12 +231,13 @@ def resolve_eps(sde: SDE, eps: float | None) -> float:
 def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", steps: int | None = None,
            eps: float | None = None, z: Tensor | None = None, seed: int | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-           index_offset: int = 0, trajectory: int = 0, progress: bool = False, **options: Any) -> SampleResult:
+           index_offset: int = 0, trajectory: int = 0, progress: bool = False, sigma_data: float | None = None,
+           cond: dict[str, Any] | None = None, **options: Any) -> SampleResult:
     """Draw samples by running ``solver`` from the prior at t = T down to t = eps.
 
     Args:
         sde: the forward SDE (``sde_lib.VPSDE``, ``subVPSDE`` or ``VESDE``).
-        score_fn: ``score_fn(x, t)`` with x (B, ...) and t (B,), returning the score, shape of x.
+        score_fn: ``score_fn(x, t, **cond)`` with x (B, ...) and t (B,), returning the score, shape of x.
         shape: (B, ...) of the batch to draw; may be omitted when z is given.
         solver: a name from :func:`available`.
         steps: the number of steps (default: ``sde.N`` for the discrete samplers, the fixed-grid
@@ -259,6 +252,10 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
         trajectory: record the first this-many samples at every score evaluation (for plots;
             costs a copy per evaluation).
         progress: show a progress bar over t (on stderr).
+        sigma_data: the data's per-dimension std, which the ``focus`` grid and the ``angle`` variable
+            use; None: the model's own ``sigma_data`` attribute when it declares one (``ScoreModel``,
+            ``MixtureScore``), else 1.0 (``DEFAULT_SIGMA_DATA``).
+        cond: conditioning inputs passed to every call as ``score_fn(x, t, **cond)``; None: none.
         **options: the solver's options (``solvers.get_solver(name).Options`` lists them).
 
     Returns:
@@ -290,7 +287,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
     if not isinstance(trajectory, int) or isinstance(trajectory, bool) or trajectory < 0:
         raise SolverError(f"trajectory must be a non-negative integer, got {trajectory!r}.")
     bar = TimeProgress(sde.T, eps, f"sampling ({solver})") if progress else None
-    score = CountedScore(score_fn, record=trajectory, progress=bar)
+    score = CountedScore(score_fn, record=trajectory, progress=bar, cond=cond, sigma_data=sigma_data)
     start = time.perf_counter()
     try:
         with torch.no_grad():  # sampling never needs a graph; a trainable model would otherwise build one per NFE

@@ -1,4 +1,4 @@
-"""The variational bound of the discrete chain (DDPM's L, MATH.md §7): the discrete-time likelihood.
+"""The variational bound of the discrete chain (DDPM's L, docs/math.md §7): the discrete-time likelihood.
 
 The ODE gives the exact log-likelihood of the continuous model; this bound is what the same score
 network achieves as a discrete model, x_{i−1} ~ p_θ(x_{i−1} | x_i) from the SDE's N-step chain.
@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from sde_lib import SDE, VESDE
-from solvers.base import CountedScore, SolverError, check_finite
+from solvers.base import CountedScore, ScoreFn, SolverError, check_finite
 from solvers.likelihood import bits_per_dim
 from solvers.noise import NoiseSource
 
@@ -47,10 +47,10 @@ def _gauss_kl(mu1: Tensor, var1: Tensor, mu2: Tensor, var2: Tensor) -> Tensor:
     return per.flatten(1).sum(1)
 
 
-def variational_bound(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, seed: int = 0,
+def variational_bound(sde: SDE, score_fn: ScoreFn, x: Tensor, seed: int = 0,
                       variance: Literal["forward", "posterior"] | None = None, levels: int | None = None,
-                      data_range: tuple | list | None = None) -> BoundResult:
-    """DDPM's bound L ≥ −log p_θ(x) of the model's discrete chain, per sample (MATH.md §7).
+                      data_range: tuple | list | None = None, cond: dict | None = None) -> BoundResult:
+    """DDPM's bound L ≥ −log p_θ(x) of the model's discrete chain, per sample (docs/math.md §7).
 
     With the chain x_i = a_i x_{i−1} + √v_i z (i = 0..N−1, x_{−1} the data, ``sde.discrete_chain``),
     x_i | x_{−1} ~ N(A_i x_{−1}, m_i) and the reverse kernels p_θ(x_{i−1} | x_i) = N((x_i + v_i s_θ)/a_i, σ_i²)
@@ -90,7 +90,7 @@ def variational_bound(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x:
     dt, dev = x.dtype, x.device
     coeffs = torch.stack([a, v, A, m, times]).to(dtype=dt, device=dev)
     a, v, A, m, times = coeffs
-    score = CountedScore(score_fn)
+    score = CountedScore(score_fn, cond=cond)
     noise = NoiseSource(seed)
     ones = torch.ones(x.shape[0], dtype=dt, device=dev)
     n = len(v)

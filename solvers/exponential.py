@@ -1,6 +1,6 @@
 """Fast PF-ODE samplers: exponential-integrator multistep methods (DDIM is order 1) and EDM's Heun.
 
-For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has exact integral forms (MATH.md §4;
+For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has exact integral forms (docs/math.md §4.2;
 Lu et al. 2022a/b, Karras et al. 2022). With σ = s/α and λ = log(α/s) = −log σ,
 
     data prediction, in λ:   x_t = (s_t/s_u) x_u + α_t ∫_{λ_u}^{λ_t} e^{λ−λ_t} x̂_0(λ) dλ,
@@ -21,74 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Literal, Optional
+from typing import Literal
 
 import torch
 
 from sde_lib import SDE
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
+from solvers.grids import GridKind, GridOptions, half_log_snr_at, solve_times
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
 
-__all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep", "time_grid", "GRIDS"]
+__all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep"]
 
-GRIDS = ("t", "log_snr", "edm", "focus", "user")
 ORDERS = (1, 2, 3, 4)
-
-
-def _lam(sde: SDE, t: float) -> float:
-    return float(sde.half_log_snr(torch.tensor(t, dtype=torch.float64)))
-
-
-def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
-              times: Optional[List[float]] = None, focus_sigma: float = 2.5,
-              focus_width: tuple[float, float] = (1.5, 1.6), dtype=torch.float64) -> Tensor:
-    """steps + 1 times from T down to eps (float64).
-
-    kinds: "t" uniform in t; "log_snr" uniform in the half log-SNR λ; "edm" EDM's ρ-spacing of
-    σ = s/α, σ_i^{1/ρ} uniform (Karras et al. 2022, eq. 5); "focus": step density in λ
-    ∝ sech((λ − λ_c)/w) with λ_c = −log(focus_sigma), i.e. steps concentrated around the noise
-    level where the data's modes separate, and w = focus_width[0] on the noisy side (λ < λ_c),
-    focus_width[1] on the data side (w → ∞ gives "log_snr"; w = 1 on both sides is a grid
-    uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
-    decreasing, eps last; ``steps`` is then len(times) − 1).
-    """
-    if kind == "t":
-        return torch.linspace(sde.T, eps, steps + 1, dtype=dtype)
-    if kind == "user":
-        if not times or len(times) < 2:
-            raise SolverError("grid='user' needs times=[T, ..., eps], at least two decreasing times.")
-        t = torch.tensor([float(v) for v in times], dtype=torch.float64)
-        if not bool((t[1:] < t[:-1]).all()) or abs(t[0].item() - sde.T) > 1e-12 or abs(t[-1].item() - eps) > 1e-12:
-            raise SolverError(f"times must decrease strictly from T = {sde.T} to eps = {eps}, got {list(times)}.")
-        return t.to(dtype)
-    lam_T, lam_eps = _lam(sde, sde.T), _lam(sde, eps)
-    if kind == "log_snr":
-        lam = torch.linspace(lam_T, lam_eps, steps + 1, dtype=torch.float64)
-    elif kind == "edm":
-        if not rho > 0:
-            raise SolverError(f"rho must be positive, got {rho}.")
-        hi, lo = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)       # σ^{1/ρ} at T and at eps
-        lam = -rho * torch.log(torch.linspace(hi, lo, steps + 1, dtype=torch.float64))
-    elif kind == "focus":
-        noisy, clean = focus_width
-        if not (focus_sigma > 0 and noisy > 0 and clean > 0):
-            raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
-        # Equal steps of the density's CDF, w·gd(v/w) on either side of v = λ − λ_c = 0, with the
-        # Gudermannian gd(v) = atan(sinh v); its inverse is w·asinh(tan(g/w)).
-        lam_c = -math.log(focus_sigma)
-        width = lambda v: noisy if v < 0 else clean  # noqa: E731
-        ends = [lam - lam_c for lam in (lam_T, lam_eps)]
-        cdf = torch.linspace(*[width(v) * math.atan(math.sinh(v / width(v))) for v in ends], steps + 1,
-                             dtype=torch.float64)
-        w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
-        lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
-    else:
-        raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
-    t = sde.t_from_half_log_snr(lam)
-    t[0], t[-1] = sde.T, eps                 # exact end points, whatever the inverse's rounding
-    return t.to(dtype)
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -189,31 +135,8 @@ class _ExponentialState:
         return [node, *nodes][:self.history], [value, *values][:self.history]
 
 
-GridKind = Literal["t", "log_snr", "edm", "focus", "user"]
-
-
 @dataclasses.dataclass
-class _GridOptions:
-    """Where the steps go (see ``time_grid``), and the data scale the focus grid and the angle variable use."""
-
-    grid: GridKind = "focus"
-    rho: float = 7.0                   # grid="edm": ρ
-    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data
-    focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
-    focus_width_data: float = 1.6      # grid="focus": and towards the data
-    times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
-    sigma_data: Optional[float] = None  # the data's per-dimension std; None: the score's own ``sigma_data`` (ScoreModel, MixtureScore), else 1
-
-    def validate(self):
-        if not (self.focus > 0 and self.focus_width_noise > 0 and self.focus_width_data > 0):
-            raise SolverError(f"focus, focus_width_noise and focus_width_data must be positive, got {self.focus}, "
-                              f"{self.focus_width_noise}, {self.focus_width_data}.")
-        if self.grid == "user" and not self.times:
-            raise SolverError("grid='user' needs times=[T, ..., eps].")
-
-
-@dataclasses.dataclass
-class _MultistepOptions(_GridOptions):
+class _MultistepOptions(GridOptions):
     order: int = 4                     # polynomial order k (1 = DDIM); the first steps ramp up 1, 2, ..
     variable: Literal["log_snr", "sigma", "angle"] = "angle"   # x̂_0 in λ (DPM-Solver++), ε̂ in σ (Adams–Bashforth), F in arctan(σ/σ_data)
     corrector: bool = True             # re-fit through the new point and redo the step (no extra NFE)
@@ -230,35 +153,17 @@ class Multistep(Solver):
     """Exponential-integrator multistep PF-ODE solver of order 1–4, one score evaluation per step."""
 
     name = "multistep"
-    stochastic = False
+    label = "PF-ODE, multistep exponential integrator (order 4 + corrector)"
+    deterministic = True
     Options = _MultistepOptions
     default_step_count = 20
-
-    def sigma_data(self, score: CountedScore) -> float:
-        """The data scale: the option, else the score's own ``sigma_data`` attribute, else 1."""
-        value = self.options.sigma_data
-        if value is None:
-            value = getattr(score.score_fn, "sigma_data", None) or 1.0
-        if not float(value) > 0:
-            raise SolverError(f"sigma_data must be positive, got {value!r}.")
-        return float(value)
-
-    def grid(self, sde: SDE, eps: float, steps: int | None, sigma_data: float = 1.0) -> Tensor:
-        o = self.options
-        if o.grid == "user":
-            if steps is not None and steps != len(o.times) - 1:
-                raise SolverError(f"steps={steps} but times has {len(o.times) - 1} steps; give one or the other.")
-            return time_grid(sde, eps, len(o.times) - 1, "user", times=o.times)
-        return time_grid(sde, eps, steps or self.default_step_count, o.grid, o.rho,
-                         focus_sigma=o.focus * sigma_data, focus_width=(o.focus_width_noise, o.focus_width_data))
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         o = self.options
-        sigma_data = self.sigma_data(score)
-        ts = self.grid(sde, eps, steps, sigma_data).tolist()
+        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
         n = len(ts) - 1
-        state = _ExponentialState(sde, score, x, o.variable, sigma_data, history=o.order)
+        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=o.order)
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
         for i in range(n):
@@ -275,7 +180,7 @@ class Multistep(Solver):
 
 
 @dataclasses.dataclass
-class _DDIMOptions(_GridOptions):
+class _DDIMOptions(GridOptions):
     grid: GridKind = "t"               # DDIM's uniform t, or another grid (see time_grid)
 
 
@@ -284,6 +189,7 @@ class DDIM(Multistep):
     """DDIM with η = 0: the first-order exponential integrator of the PF-ODE, one NFE per step."""
 
     name = "ddim"
+    label = "DDIM (eta = 0): PF-ODE, first-order exponential integrator"
     Options = _DDIMOptions
     default_step_count = 100
 
@@ -295,7 +201,7 @@ class DDIM(Multistep):
 
 
 @dataclasses.dataclass
-class _HeunOptions(_GridOptions):
+class _HeunOptions(GridOptions):
     grid: GridKind = "edm"             # EDM's ρ = 7 grid
 
 
@@ -307,12 +213,16 @@ class Heun(Multistep):
     """
 
     name = "heun"
+    label = "PF-ODE, Heun on EDM's grid"
     Options = _HeunOptions
     default_step_count = 10
 
+    def nfe_per_step(self) -> int | None:
+        return 2
+
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
-        ts = self.grid(sde, eps, steps, self.sigma_data(score)).tolist()
+        ts = solve_times(self.options, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
         state = _ExponentialState(sde, score, x, "sigma")
         for i in range(len(ts) - 1):
             d, node = state.evaluate(x, ts[i])                         # Euler step
@@ -326,7 +236,6 @@ class Heun(Multistep):
 class _AdaptiveOptions:
     order: int = 4                     # predictor order k; the corrector makes the accepted step order k + 1
     variable: Literal["log_snr", "sigma", "angle"] = "angle"
-    sigma_data: Optional[float] = None  # the data's per-dimension std; None: the score's own, else 1
     rtol: float = 1e-3                 # relative tolerance of the local error
     atol: float = 1e-3                 # absolute tolerance of the local error
     error_norm: Literal["batch", "sample"] = "batch"   # local error: batch RMS, or the worst sample's RMS
@@ -352,9 +261,13 @@ class AdaptiveMultistep(Multistep):
     """
 
     name = "multistep_adaptive"
+    label = "PF-ODE, adaptive multistep"
     Options = _AdaptiveOptions
 
     max_evaluations = 10_000
+
+    def nfe_per_step(self) -> int | None:
+        return None
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
@@ -362,10 +275,10 @@ class AdaptiveMultistep(Multistep):
         if steps is not None:
             raise SolverError("multistep_adaptive sets its own steps from rtol/atol; for a fixed budget use "
                               "solver=multistep with steps.")
-        lam_end, lam = _lam(sde, eps), _lam(sde, sde.T)
+        lam_end, lam = half_log_snr_at(sde, eps), half_log_snr_at(sde, sde.T)
         h = o.first_step * (lam_end - lam)
         t = sde.T
-        state = _ExponentialState(sde, score, x, o.variable, self.sigma_data(score), history=o.order)
+        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=o.order)
         value, node = state.evaluate(x, t)
         nodes, values = [node], [value]
         batch = x.shape[0]

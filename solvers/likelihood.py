@@ -1,4 +1,4 @@
-"""Exact likelihood through the probability-flow ODE (MATH.md §6).
+"""Exact likelihood through the probability-flow ODE (docs/math.md §6).
 
 The ODE is integrated forward from eps to T together with the divergence of its drift:
 ``log p_eps(x) = log p_T(x_T) + ∫_eps^T ∇·f̃(x_t, t) dt``, with the prior N(0, prior_std² I)
@@ -16,8 +16,9 @@ from typing import Callable, Literal
 import torch
 from torch.func import vjp, vmap
 
+from core_lib import build_options
 from sde_lib import SDE
-from solvers.base import CountedScore, SolverError, TimeProgress, _build_options, check_finite
+from solvers.base import CountedScore, ScoreFn, SolverError, TimeProgress, check_finite
 from solvers.noise import NoiseSource
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
 
@@ -84,7 +85,7 @@ class _LikelihoodOptions:
 
 def bits_per_dim(logp: Tensor, dim: int, levels: int | None = None,
                  data_range: tuple[float, float] | None = None) -> Tensor:
-    """bpd = −log p/(D ln 2) + log₂(K/w) for K levels per dimension on an interval of width w (MATH.md §6).
+    """bpd = −log p/(D ln 2) + log₂(K/w) for K levels per dimension on an interval of width w (docs/math.md §6).
 
     The offset converts the density of dequantised data y (uniform within each bin of width w/K)
     to the probability of the discrete data: +8 for 256 levels on [0, 1], +7 on [−1, 1].
@@ -119,20 +120,21 @@ def _divergence_hutchinson(drift_t: Callable[[Tensor], Tensor], x: Tensor, v: Te
     return out, (vjps * v).flatten(2).sum(-1)
 
 
-def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, eps: float = 1e-5,
-                   rtol: float = 1e-5, atol: float = 1e-5,
-                   divergence: Literal["exact", "hutchinson"] = "exact", **options) -> LikelihoodResult:
+def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rtol: float = 1e-5, atol: float = 1e-5,
+                   divergence: Literal["exact", "hutchinson"] = "exact", cond: dict | None = None,
+                   **options) -> LikelihoodResult:
     """Per-sample log-likelihood of x under the model's probability-flow ODE.
 
     Args:
         sde: the forward SDE the score belongs to.
-        score_fn: ``score_fn(x, t)``; must be differentiable in x (torch.func.vjp is applied). The
+        score_fn: ``score_fn(x, t, **cond)``; must be differentiable in x (torch.func.vjp is applied). The
             result is not differentiable with respect to the model's parameters.
         x: (B, ...) data. For discrete data pass them dequantised (uniform noise within each bin)
             and give ``levels`` (and ``data_range``) so that bpd includes the offset log₂(K/w).
         eps: the time the data sit at; the ODE runs from eps to T.
         rtol, atol: tolerances of adaptive methods.
         divergence: "exact" (D VJPs; right for small D) or "hutchinson" (``probes`` VJPs).
+        cond: conditioning inputs passed to every score call (None: none).
         **options: method, steps, probes, probe ("rademacher" | "gaussian"), seed, levels,
             data_range, chunk, error_norm ("sample": rtol/atol hold for every sample; "batch"),
             progress (a bar over t on stderr).
@@ -140,7 +142,7 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
     Returns:
         :class:`LikelihoodResult`: ``.logp`` in nats per sample, ``.bpd``, ``.z``, ``.nfe``.
     """
-    opts = _build_options(_LikelihoodOptions, options, "log_likelihood")
+    opts = build_options(_LikelihoodOptions, options, "log_likelihood", SolverError)
     if divergence not in ("exact", "hutchinson"):
         raise SolverError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}.")
     if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point():
@@ -151,7 +153,7 @@ def log_likelihood(sde: SDE, score_fn: Callable[[Tensor, Tensor], Tensor], x: Te
     if rtol <= 0 or atol <= 0:
         raise SolverError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}.")
     bar = TimeProgress(eps, sde.T, f"likelihood ({divergence})") if opts.progress else None
-    score = CountedScore(score_fn, progress=bar)
+    score = CountedScore(score_fn, progress=bar, cond=cond)
     drift = pf_ode_drift(sde, score)
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
 

@@ -3,29 +3,32 @@
 Everything stays on the data's device: no host round-trip per evaluation. Adaptive methods
 (dopri5, bosh3, …) take rtol/atol and land exactly on t = eps (``step_t``), so they never
 evaluate the score below eps; fixed-grid methods (euler, midpoint, rk4, …) take ``steps``
-uniform steps in t.
+steps on any time grid of ``solvers.grids`` (uniform in t by default). Only torchdiffeq's public
+``odeint`` and its documented options are used.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torchdiffeq import odeint
-from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_METHODS
-from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from sde_lib import SDE, batch_broadcast
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
+from solvers.grids import GridKind, GridOptions, solve_times
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
 
 __all__ = ["ProbabilityFlowODE", "pf_ode_drift", "odeint_between", "per_sample_norm", "FIXED_METHODS", "ADAPTIVE_METHODS"]
 
-FIXED_METHODS = sorted(m for m, c in _TORCHDIFFEQ_METHODS.items() if issubclass(c, FixedGridODESolver))
-ADAPTIVE_METHODS = sorted(m for m, c in _TORCHDIFFEQ_METHODS.items()
-                          if not issubclass(c, FixedGridODESolver) and m != "scipy_solver")
+#: torchdiffeq's fixed-grid methods with a fixed number of evaluations per step, and that number.
+#: (Its Adams methods are left out: their evaluations per step vary.)
+FIXED_METHOD_NFE = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+FIXED_METHODS = sorted(FIXED_METHOD_NFE)
+#: torchdiffeq's adaptive Runge–Kutta methods (rtol/atol).
+ADAPTIVE_METHODS = sorted(["adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2"])
 
 
 def pf_ode_drift(sde: SDE, score: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
@@ -67,12 +70,13 @@ def per_sample_norm(batch: int) -> Callable:
 
 
 def odeint_between(func, y0, t0: float, t1: float, method: str, rtol: float, atol: float,
-                   steps: int | None, error_norm: str = "batch"):
+                   steps: int | None, error_norm: str = "batch", grid: Tensor | None = None):
     """Integrate dy/dt = func(t, y) from t0 to t1 and return y(t1).
 
     Adaptive methods are made to land on t1 exactly and measure their local error with the
     batch RMS ("batch", torchdiffeq's default) or the worst sample's RMS ("sample"); fixed-grid
-    methods take ``steps`` uniform steps. A solver failure caused by NaN is a NonFiniteError.
+    methods take ``steps`` uniform steps, or step through ``grid`` (t0 first, t1 last) when given.
+    A solver failure caused by NaN is a NonFiniteError.
     """
     first = y0[0] if isinstance(y0, tuple) else y0
     t = torch.tensor([t0, t1], dtype=first.dtype, device=first.device)
@@ -81,7 +85,9 @@ def odeint_between(func, y0, t0: float, t1: float, method: str, rtol: float, ato
     # torchdiffeq's initial-step heuristic probes far outside [t0, t1]; a model never sees those times.
     func = lambda tt, y: inner(tt.clamp(lo, hi), y)  # noqa: E731
     if method in FIXED_METHODS:
-        grid = torch.linspace(t0, t1, steps + 1, dtype=first.dtype, device=first.device)
+        if grid is None:
+            grid = torch.linspace(t0, t1, steps + 1, dtype=first.dtype, device=first.device)
+        grid = grid.to(dtype=first.dtype, device=first.device)
         options = {"grid_constructor": lambda f, y, tt: grid}
     else:
         options = {"step_t": t[1:]}
@@ -98,38 +104,56 @@ def odeint_between(func, y0, t0: float, t1: float, method: str, rtol: float, ato
 
 
 @dataclasses.dataclass
-class _ODEOptions:
+class _ODEOptions(GridOptions):
     method: str = "dopri5"  # a torchdiffeq method: adaptive (dopri5, bosh3, …) or fixed-grid (euler, rk4, …)
     rtol: float = 1e-5      # relative tolerance of adaptive methods
     atol: float = 1e-5      # absolute tolerance of adaptive methods
     denoise: bool = False   # finish with Tweedie's step x ← (x + s(eps)² s_θ)/α(eps) (one more NFE)
     error_norm: Literal["batch", "sample"] = "batch"  # adaptive error: batch RMS, or the worst sample's
+    grid: Optional[GridKind] = None    # fixed-grid methods: t, log_snr, edm, focus or user; null: uniform t
 
     def validate(self):
         check_method(self.method, None)
         if self.rtol <= 0 or self.atol <= 0:
             raise SolverError(f"rtol and atol must be positive, got rtol={self.rtol}, atol={self.atol}.")
+        if self.grid is not None and self.method in ADAPTIVE_METHODS:
+            raise SolverError(f"grid={self.grid!r} needs a fixed-grid method ({', '.join(FIXED_METHODS)}); "
+                              f"the adaptive {self.method!r} chooses its own steps.")
+        GridOptions.validate(self)
 
 
 @register
 class ProbabilityFlowODE(Solver):
-    """Sampling by the probability-flow ODE from T to eps (MATH.md §1, §4); deterministic given z."""
+    """Sampling by the probability-flow ODE from T to eps (docs/math.md §1, §4); deterministic given z."""
 
     name = "pf_ode"
-    stochastic = False
+    label = "PF-ODE through torchdiffeq"
+    deterministic = True
     Options = _ODEOptions
     default_fixed_steps = 100
+
+    def nfe_per_step(self) -> int | None:
+        return FIXED_METHOD_NFE.get(self.options.method)
+
+    def likelihood_options(self, steps: int | None) -> dict:
+        o = self.options
+        if o.method in FIXED_METHODS:
+            return {"method": o.method, "steps": steps or self.default_fixed_steps}
+        return {"method": o.method, "rtol": o.rtol, "atol": o.atol}
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         opts = self.options
         check_method(opts.method, steps)
-        if opts.method in FIXED_METHODS and steps is None:
+        grid = None
+        if opts.method in FIXED_METHODS and opts.grid is not None:
+            grid = solve_times(opts, sde, eps, steps, self.default_fixed_steps, score.sigma_data)
+        elif opts.method in FIXED_METHODS and steps is None:
             steps = self.default_fixed_steps
         drift = pf_ode_drift(sde, score)
         ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         x = odeint_between(lambda t, y: drift(y, t * ones), x, sde.T, eps, opts.method, opts.rtol,
-                           opts.atol, steps, opts.error_norm)
+                           opts.atol, steps, opts.error_norm, grid=grid)
         if opts.denoise:
             t = eps * ones
             alpha, var = sde.log_mean_coeff(t).exp().to(x.dtype), sde.marginal_var(t).to(x.dtype)

@@ -1,4 +1,4 @@
-"""Reverse-time SDE samplers: predictors, correctors and the predictor–corrector loop (MATH.md §3–§4).
+"""Reverse-time SDE samplers: predictors, correctors and the predictor–corrector loop (docs/math.md §3–§4).
 
 Every sampler here is one loop over steps from t = T downwards: at each, the corrector's Langevin
 steps, then one predictor step to the next. Samplers that read the discrete chain walk its indices
@@ -15,6 +15,7 @@ import torch
 
 from sde_lib import SDE, VESDE, batch_broadcast
 from solvers.base import CountedScore, Solver, SolverError, register
+from solvers.grids import GridKind, GridOptions, solve_times
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
@@ -110,7 +111,7 @@ def _langevin_steps(score, x, t, noise, opts, step_size) -> tuple[Tensor, Tensor
 
 def langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, step: Step, noise: NoiseSource,
                        opts) -> tuple[Tensor, Tensor]:
-    """Langevin MCMC with step ε = 2 α_i (r ‖z‖/‖s_θ‖)² (MATH.md §4).
+    """Langevin MCMC with step ε = 2 α_i (r ‖z‖/‖s_θ‖)² (docs/math.md §4).
 
     α_i = a_i², the chain's squared mean coefficient: 1 − β_i for VP, 1 for VE, and its
     Euler–Maruyama analogue for sub-VP (where the reference code crashes). Norms are batch means
@@ -164,9 +165,9 @@ def _chain_walk(sde: SDE, x: Tensor) -> list[Step]:
             for i in range(sde.N - 1, -1, -1)]
 
 
-def _time_walk(sde: SDE, x: Tensor, eps: float, n: int) -> list[Step]:
-    """n uniform times from T down to eps, each stepping to the next (the last to 0)."""
-    ts = torch.linspace(sde.T, eps, n, dtype=x.dtype, device=x.device)
+def _time_walk(sde: SDE, x: Tensor, eps: float, n: int, times: Tensor | None = None) -> list[Step]:
+    """n times from T down to eps (uniform, or ``times``), each stepping to the next (the last to 0)."""
+    ts = torch.linspace(sde.T, eps, n, dtype=x.dtype, device=x.device) if times is None else times.to(x)
     t_next = torch.cat([ts[1:], ts.new_zeros(1)])
     ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     return [Step(ts[k] * ones, t_next[k] * ones, None) for k in range(n)]
@@ -190,6 +191,10 @@ class _ReverseTime(Solver):
         return (PREDICTORS[getattr(opts, "predictor", self.predictor)],
                 CORRECTORS[getattr(opts, "corrector", self.corrector)])
 
+    def nfe_per_step(self) -> int | None:
+        predictor, corrector = self._parts()
+        return int(predictor is not no_predictor) + getattr(self.options, "n_steps", 1) * int(corrector is not no_corrector)
+
     def walks_chain(self) -> bool:
         predictor, corrector = self._parts()
         return not (predictor is euler_maruyama_predictor and corrector is no_corrector)
@@ -205,7 +210,11 @@ class _ReverseTime(Solver):
         if n < 2:
             raise SolverError(f"solver '{self.name}' needs steps >= 2, got {n}.")
         if not self.walks_chain():
-            walk = _time_walk(sde, x, eps, n)
+            grid = getattr(opts, "grid", "t")
+            # The walk visits n times (the last steps on to 0), i.e. a grid of n − 1 steps to eps.
+            times = None if grid == "t" else solve_times(opts, sde, eps, n - 1 if steps else None, n - 1,
+                                                         score.sigma_data)
+            walk = _time_walk(sde, x, eps, len(times) if times is not None else n, times)
             chain_sde = sde
         else:
             chain_sde = sde if n == sde.N else sde.with_steps(n)
@@ -226,13 +235,19 @@ class _DenoiseOptions:
     denoise: bool = True    # return the last step's mean, without its noise
 
 
+@dataclasses.dataclass
+class _EulerMaruyamaOptions(_DenoiseOptions, GridOptions):
+    grid: GridKind = "t"    # the times the steps run through: t (uniform), log_snr, edm, focus or user
+
+
 @register
 class EulerMaruyama(_ReverseTime):
-    """Euler–Maruyama on the reverse-time SDE, ``steps`` uniform steps from T to eps (then to 0)."""
+    """Euler–Maruyama on the reverse-time SDE, ``steps`` steps from T to eps on a time grid (then to 0)."""
 
     name = "euler_maruyama"
+    label = "reverse SDE, Euler-Maruyama"
     predictor = "euler_maruyama"
-    Options = _DenoiseOptions
+    Options = _EulerMaruyamaOptions
 
 
 @register
@@ -240,6 +255,7 @@ class ReverseDiffusion(_ReverseTime):
     """The reverse-diffusion predictor on the SDE's own N-step chain (``steps`` re-discretises it)."""
 
     name = "reverse_diffusion"
+    label = "reverse diffusion on the SDE's chain"
     predictor = "reverse_diffusion"
     Options = _DenoiseOptions
 
@@ -254,8 +270,12 @@ class Ancestral(_ReverseTime):
     """Ancestral sampling: DDPM's Algorithm 2 for VP, the SMLD step for VE, the EM chain's for sub-VP."""
 
     name = "ancestral"
+    label = "ancestral sampling (DDPM / SMLD)"
     predictor = "ancestral"
     Options = _AncestralOptions
+
+    def bound_options(self) -> dict:
+        return {"variance": self.options.variance}
 
 
 @dataclasses.dataclass
@@ -276,6 +296,7 @@ class PredictorCorrector(_ReverseTime):
     """Predictor–corrector sampling: any predictor followed, at each step, by any corrector."""
 
     name = "pc"
+    label = "predictor-corrector (reverse diffusion + Langevin)"
     Options = _PCOptions
 
 
@@ -293,5 +314,6 @@ class AnnealedLangevin(_ReverseTime):
     """Annealed Langevin dynamics (NCSN): ``n_steps`` Langevin steps at each of ``steps`` noise levels."""
 
     name = "ald"
+    label = "annealed Langevin dynamics"
     corrector = "ald"
     Options = _ALDOptions

@@ -9,13 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from core_lib import UserError
+from evaluation import load_data
+from models import build_score_model
 from tasks_lib.compare import compare_task
 from tasks_lib.model_source import ResolvedModel, overridden_keys, resolve_model
 from tasks_lib.report import summary
-from tasks_lib.sample import likelihood_task, sample_task
+from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
+from training import check_train_config, train
 
 __all__ = ["TASKS", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
 
@@ -23,13 +29,20 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
-    """``task=train``: ``training.train`` (it writes its own checkpoints, logs and metrics.json)."""
-    from training import train
-
+    """``task=train``: the config's SDE, network and data as objects, handed to ``training.train``."""
     if cfg.ckpt != "pretrained":
-        raise ValueError(f"ckpt={cfg.ckpt} does not apply to task=train; continue a run with "
-                         "task.resume=<run dir>/checkpoints/last.pt, or drop ckpt.")
-    return train(cfg, run_dir)
+        raise UserError(f"ckpt={cfg.ckpt} does not apply to task=train; continue a run with "
+                        "task.resume=<run dir>/checkpoints/last.pt, or drop ckpt.")
+    config = check_train_config(OmegaConf.to_container(cfg.task, resolve=True))
+    likelihood = likelihood_config(cfg)
+    torch.manual_seed(cfg.seed)   # the network's initialisation (and dropout) draw from the global RNG
+    data = load_data(cfg.data, cfg.seed)
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    model = build_score_model(instantiate(cfg.sde), cfg.model.kind, data.event_shape,
+                              parameterization=cfg.model.parameterization, time_input=cfg.model.time_input,
+                              sigma_data=round(float(data.train.std()), 6), **net)
+    return train(config, model, data, run_dir, likelihood=likelihood, seed=cfg.seed, device=cfg.device,
+                 record=OmegaConf.to_container(cfg, resolve=True))
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task}

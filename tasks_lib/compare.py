@@ -9,8 +9,6 @@ the discrete model's likelihood beside the continuous one.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,66 +17,56 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import solvers
-from solvers.base import resolve_eps
-from tasks_lib.metrics import sliced_wasserstein
+from core_lib import UserError
+from evaluation import RunOutput, data_log_likelihood, exact_nll, scored_points, sliced_wasserstein
 from tasks_lib.model_source import resolve_model
-from tasks_lib.sample import RunFiles, dtype_of
-from training.loop import data_log_likelihood, scored_points
+from tasks_lib.sample import dtype_of, header, write_config
 
-__all__ = ["SAMPLERS", "Sampler", "compare_task"]
+__all__ = ["PRESETS", "compare_task", "sampler_names"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """A compare entry: a registered solver with fixed options, and the score evaluations one of its steps makes."""
-
-    solver: str
-    options: dict = dataclasses.field(default_factory=dict)
-    nfe_per_step: Optional[int] = 1   # None: adaptive (the budget is set by tolerances instead)
-    label: str = ""
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "ancestral": Sampler("ancestral", label="ancestral sampling (DDPM / SMLD)"),
-    "reverse_diffusion": Sampler("reverse_diffusion", label="reverse diffusion"),
-    "euler_maruyama": Sampler("euler_maruyama", label="reverse SDE, Euler-Maruyama"),
-    "pc": Sampler("pc", nfe_per_step=2, label="predictor-corrector (reverse diffusion + Langevin)"),
-    "ald": Sampler("ald", nfe_per_step=1, label="annealed Langevin dynamics"),
-    "ddim": Sampler("ddim", label="DDIM (eta = 0): PF-ODE, first-order exponential integrator"),
-    "multistep": Sampler("multistep", label="PF-ODE, multistep exponential integrator (order 4 + corrector)"),
-    "heun": Sampler("heun", nfe_per_step=2, label="PF-ODE, Heun on EDM's grid"),
-    "multistep_adaptive": Sampler("multistep_adaptive", nfe_per_step=None, label="PF-ODE, adaptive multistep"),
-    "pf_ode_euler": Sampler("pf_ode", {"method": "euler"}, 1, "PF-ODE, Euler"),
-    "pf_ode_midpoint": Sampler("pf_ode", {"method": "midpoint"}, 2, "PF-ODE, midpoint"),
-    "pf_ode_rk4": Sampler("pf_ode", {"method": "rk4"}, 4, "PF-ODE, RK4"),
-    "pf_ode": Sampler("pf_ode", {"method": "dopri5"}, None, "PF-ODE, adaptive dopri5"),
+#: Compare entries beyond the registered solvers: a solver with fixed options.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "pf_ode_euler": ("pf_ode", {"method": "euler"}),
+    "pf_ode_midpoint": ("pf_ode", {"method": "midpoint"}),
+    "pf_ode_rk4": ("pf_ode", {"method": "rk4"}),
 }
 
 ADAPTIVE_TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
+def sampler_names() -> list[str]:
+    """What ``task.samplers`` accepts: every registered solver and the presets."""
+    return [*solvers.available(), *PRESETS]
+
+
+def _entry(name: str) -> tuple[str, dict]:
+    return PRESETS.get(name, (name, {}))
+
+
 def _runs(name: str, budgets: list[int]) -> list[tuple[Optional[int], dict]]:
-    """(steps, extra options) per run of sampler ``name``: one per budget, or one per tolerance if adaptive."""
-    entry = SAMPLERS[name]
-    if entry.nfe_per_step is None:
+    """(steps, extra options) per run of sampler ``name``: one per budget, or one per tolerance if the solver is adaptive."""
+    solver, options = _entry(name)
+    per_step = solvers.get_solver(solver)(**options).nfe_per_step()
+    if per_step is None:
         return [(None, {"rtol": tol, "atol": tol}) for tol in ADAPTIVE_TOLERANCES]
-    return [(max(budget // entry.nfe_per_step, 1), {}) for budget in budgets]
+    return [(max(budget // per_step, 1), {}) for budget in budgets]
 
 
 def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
     """Run every sampler of ``task.samplers`` at every budget of ``task.budgets``; write the table and the plot."""
     tc = cfg.task
-    unknown = [s for s in tc.samplers if s not in SAMPLERS]
+    unknown = [s for s in tc.samplers if s not in sampler_names()]
     if unknown:
-        raise ValueError(f"unknown sampler(s) {', '.join(unknown)} in task.samplers; available: {', '.join(SAMPLERS)}.")
+        raise UserError(f"task.samplers: unknown sampler(s) {', '.join(unknown)}; available: "
+                        f"{', '.join(sampler_names())}.")
     if not tc.budgets or any(b < 1 for b in tc.budgets):
-        raise ValueError(f"task.budgets must be positive NFE counts, got {list(tc.budgets)}.")
-    files = RunFiles(run_dir)
+        raise UserError(f"task.budgets must be positive NFE counts, got {list(tc.budgets)}.")
+    out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
     sde, data = model.sde, model.data
     shape = (tc.n_samples, *data.event_shape)
-    eps = resolve_eps(sde, tc.eps)
+    eps = solvers.resolve_eps(sde, tc.eps)
     reference = solvers.sample(sde, model.score_fn, shape, solver="pf_ode", eps=eps, seed=cfg.seed, device=device,
                                dtype=dtype, rtol=tc.reference_rtol, atol=tc.reference_rtol)
     z = reference.z
@@ -87,40 +75,38 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     x_eval = test[:lc.n_eval].to(device=device, dtype=dtype)
     x_scored = scored_points(data, x_eval, cfg.seed)      # what data_log_likelihood scores, for the bound
     floor = sliced_wasserstein(data.train[:tc.n_samples], test, seed=cfg.seed)
-    exact_nll = None
-    if data.mixture is not None and data.levels is None:
-        exact_nll = -data.mixture.log_prob(x_eval.double()).mean().item()
+    exact = exact_nll(data, x_scored)
 
     rows = []
     runs = [(name, steps, extra) for name in tc.samplers for steps, extra in _runs(name, list(tc.budgets))]
     for name, steps, extra in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True, leave=False):
-        entry = SAMPLERS[name]
-        options = {**entry.options, **extra}
+        solver, options = _entry(name)
+        options = {**options, **extra}
+        instance = solvers.get_solver(solver)(**options)
         row: dict[str, Any] = {"sampler": name, "steps": steps if steps is not None else "",
                                "tolerance": extra.get("rtol", "")}
         try:
-            result = solvers.sample(sde, model.score_fn, solver=entry.solver, steps=steps, eps=eps, z=z,
+            result = solvers.sample(sde, model.score_fn, solver=solver, steps=steps, eps=eps, z=z,
                                     seed=cfg.seed, **options)
         except solvers.SolverError as err:  # e.g. a DDPM chain too short for VP's β_max
             rows.append({**row, "note": str(err)})
             continue
         samples = result.samples
         row.update(nfe=result.nfe, seconds=result.seconds, swd=sliced_wasserstein(samples, test, seed=cfg.seed))
-        if not solvers.get_solver(entry.solver).stochastic:   # the PF-ODE's solvers: their target is the flow
+        if instance.deterministic:   # the PF-ODE's solvers: their target is the flow
             row["ode_error_rms"] = (samples - reference.samples).flatten(1).pow(2).sum(1).mean().sqrt().item()
-        if entry.solver == "pf_ode":
-            lik_options = {"method": options["method"], "steps": steps} if steps else {"rtol": extra["rtol"],
-                                                                                        "atol": extra["atol"]}
+        lik_options = instance.likelihood_options(steps)
+        if lik_options is not None:   # the same integrator and budget on the likelihood's ODE
             lik, _ = data_log_likelihood(sde, model.score_fn, data, x_eval, cfg.seed, eps=lc.eps,
                                          divergence=lc.divergence, probes=lc.probes, **lik_options)
             row["nll_nats"] = -lik.logp.double().mean().item()
             row["bpd"] = lik.bpd.double().mean().item()
-        if entry.solver == "ancestral":
-            # The model as a discrete chain of the row's N steps: DDPM's variational bound (MATH.md §7).
+        bound_options = instance.bound_options()
+        if bound_options is not None:
+            # The model as a discrete chain of the row's N steps: DDPM's variational bound (docs/math.md §7).
             try:
                 bound = solvers.variational_bound(sde.with_steps(steps), model.score_fn, x_scored, seed=cfg.seed,
-                                                  variance=options.get("variance"), levels=data.levels,
-                                                  data_range=data.data_range)
+                                                  levels=data.levels, data_range=data.data_range, **bound_options)
                 row["bound_nats"] = bound.nll.double().mean().item()
                 row["bound_bpd"] = bound.bpd.double().mean().item()
             except solvers.SolverError as err:  # sub-VP's chain has a noiseless first step
@@ -129,19 +115,15 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
             row["mode_weight_error"] = data.mixture.mode_report(samples)[0]
         rows.append(row)
 
-    files.write_config(cfg, model)
+    write_config(out, cfg, model)
     columns = ["sampler", "steps", "tolerance", "nfe", "seconds", "ode_error_rms", "swd", "mode_weight_error",
                "nll_nats", "bpd", "bound_nats", "bound_bpd", "note"]
-    with open(files.path("compare.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    files.path("compare.md").write_text(_markdown(rows, columns, cfg, model, floor, reference.nfe, exact_nll))
-    _plot(files.path("compare.png"), rows, floor, f"{type(sde).__name__} on {data.name} ({model.source} model)")
-    metrics = {"task": "compare", "sde": type(sde).__name__, "data": data.name, "model": model.source,
-               "seed": cfg.seed, "n_samples": tc.n_samples, "n_rows": len(rows), "swd_floor": floor,
-               "reference_nfe": reference.nfe, **({"nll_exact_nats": exact_nll} if exact_nll is not None else {})}
-    files.write_metrics(metrics)
+    out.write_csv("compare.csv", rows, columns)
+    out.write_text("compare.md", _markdown(rows, columns, cfg, model, floor, reference.nfe, exact))
+    out.write_figure("compare.png", _plot, rows, floor, f"{type(sde).__name__} on {data.name} ({model.source} model)")
+    metrics = {**header(cfg, model), "n_samples": tc.n_samples, "n_rows": len(rows), "swd_floor": floor,
+               "reference_nfe": reference.nfe, **({"nll_exact_nats": exact} if exact is not None else {})}
+    out.metrics(metrics)
     return metrics
 
 

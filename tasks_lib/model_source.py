@@ -17,11 +17,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from core_lib import UserError
 from data_lib import Dataset
+from evaluation import load_data
 from models import MixtureScore, load_checkpoint
-from sde_lib import SDE
-from tasks_lib.schema import SDE_CHOICES, model_schema
-from training.loop import load_data
+from sde_lib import SDE, sde_name
+from tasks_lib.schema import model_schema
 
 __all__ = ["ResolvedModel", "resolve_model", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
 
@@ -34,7 +35,7 @@ class ResolvedModel:
 
     Attributes:
         sde: the SDE to sample and score with (the checkpoint's, with ``sde.N`` if given).
-        score_fn: ``score_fn(x, t)``.
+        score_fn: ``score_fn(x, t, **cond)``.
         data: the data set whose held-out split is scored.
         source: "pretrained", "exact" or "checkpoint".
         path: the checkpoint file (None for the exact score).
@@ -71,23 +72,23 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
         device: where the model and data go.
 
     Raises:
-        ValueError: no pretrained model for the data and SDE, data without an exact score, or a
+        UserError: no pretrained model for the data and SDE, data without an exact score, or a
             command-line setting that contradicts the checkpoint.
         models.CheckpointError: a missing, corrupt or mismatched checkpoint.
     """
     asked = instantiate(cfg.sde)
-    choice = next(name for name, cls in SDE_CHOICES.items() if type(asked) is cls)
+    choice = sde_name(asked)
     if cfg.ckpt == "exact":
         data = load_data(cfg.data, cfg.seed)
         if data.mixture is None:
-            raise ValueError(f"data={data.name} has no exact score (ring and mix16d have one); use ckpt=pretrained "
+            raise UserError(f"data={data.name} has no exact score (ring and mix16d have one); use ckpt=pretrained "
                              "or a checkpoint from task=train.")
         return ResolvedModel(asked, MixtureScore(asked, data.mixture), data, "exact")
     if cfg.ckpt == "pretrained":
         path = pretrained_path(cfg.data.name, choice)
         if not path.is_file():
             shipped = sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
-            raise ValueError(f"no pretrained model for data={cfg.data.name} with sde={choice} (shipped: "
+            raise UserError(f"no pretrained model for data={cfg.data.name} with sde={choice} (shipped: "
                              f"{', '.join(shipped) or 'none'}); train one with `python run.py task=train "
                              f"data={cfg.data.name} sde={choice}` and pass ckpt=<run dir>/checkpoints/last.pt, or "
                              "use ckpt=exact on ring or mix16d.")
@@ -102,7 +103,7 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
         mine = {k: v for k, v in sde.hparams().items() if k != "N"}
         theirs = {k: v for k, v in asked.hparams().items() if k != "N"}
         if type(asked) is not type(sde) or mine != theirs:
-            raise ValueError(f"{what} was trained with {type(sde).__name__}({_fmt(mine)}) but the command asks for "
+            raise UserError(f"{what} was trained with {type(sde).__name__}({_fmt(mine)}) but the command asks for "
                              f"{type(asked).__name__}({_fmt(theirs)}); drop the sde override (sde.N may change) or "
                              "use a model trained with that SDE.")
         if asked.N != sde.N:
@@ -113,7 +114,7 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
     if _touches(overridden, "data"):
         data = load_data(cfg.data, cfg.seed)
         if data.event_shape != loaded.event_shape:
-            raise ValueError(f"data={data.name} has samples of shape {data.event_shape}, but {what} models shape "
+            raise UserError(f"data={data.name} has samples of shape {data.event_shape}, but {what} models shape "
                              f"{loaded.event_shape}; drop the data override or use a model trained on such data.")
     else:
         trained = OmegaConf.create(loaded.config)
@@ -141,7 +142,7 @@ def _check_model(asked: DictConfig, trained: dict, keys: set[str], what: str) ->
               if baseline is None or _plain(OmegaConf.select(asked, f)) != _plain(OmegaConf.select(baseline, f))]
     if differ:
         shown = ", ".join(f"model.{k}" for k in differ)
-        raise ValueError(f"{what} holds a different network ({shown} differ from the command line's); the "
+        raise UserError(f"{what} holds a different network ({shown} differ from the command line's); the "
                          "checkpoint's network applies: drop the model override.")
 
 

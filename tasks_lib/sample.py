@@ -1,81 +1,59 @@
 """``task=sample`` and ``task=likelihood``: what they compute, the files they write, the metrics they report."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import solvers
-from tasks_lib.metrics import sliced_wasserstein
+from core_lib import UserError
+from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, held_out_likelihood, sample_quality,
+                        save_samples, save_trajectories)
 from tasks_lib.model_source import ResolvedModel, resolve_model
-from training.loop import data_log_likelihood
-from training.plots import save_samples, save_trajectories
 
-__all__ = ["sample_task", "likelihood_task", "RunFiles", "dtype_of"]
+__all__ = ["sample_task", "likelihood_task", "dtype_of", "likelihood_config", "write_config", "header"]
 
 
 def dtype_of(cfg: DictConfig) -> torch.dtype:
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
     if dtype is None:
-        raise ValueError(f"dtype must be float32 or float64, got {cfg.dtype!r}; set dtype=float32 or dtype=float64.")
+        raise UserError(f"dtype must be float32 or float64, got {cfg.dtype!r}; set dtype=float32 or dtype=float64.")
     return dtype
 
 
-class RunFiles:
-    """Where a task's outputs go. Nothing is written until the task has its results, and never over a result."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        if (self.run_dir / "metrics.json").exists():
-            raise ValueError(f"{self.run_dir} already holds a run's metrics.json; choose another output directory "
-                             "(hydra.run.dir=...) rather than overwrite it.")
-
-    def path(self, name: str) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        return self.run_dir / name
-
-    def write_config(self, cfg: DictConfig, model: ResolvedModel) -> None:
-        """config.yaml: the resolved config, plus the SDE and model actually used (a checkpoint's own)."""
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["used"] = {"model": model.source, "path": model.path, "train_steps": model.train_steps,
-                            "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": model.data.name}
-        self.path("config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        self.path("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+def likelihood_config(cfg: DictConfig) -> LikelihoodConfig:
+    """The top-level ``likelihood.*`` as the evaluation's typed settings."""
+    return LikelihoodConfig(**OmegaConf.to_container(cfg.likelihood, resolve=True))
 
 
-def _likelihood(cfg: DictConfig, model: ResolvedModel, device, dtype) -> tuple[dict[str, Any], Any, torch.Tensor]:
-    lc = cfg.likelihood
-    x = model.data.test[:lc.n_eval].to(device=device, dtype=dtype)
-    lik, scored = data_log_likelihood(model.sde, model.score_fn, model.data, x, cfg.seed, eps=lc.eps, rtol=lc.rtol,
-                                      atol=lc.atol, divergence=lc.divergence, probes=lc.probes, method=lc.method,
-                                      steps=lc.steps, progress=True)
-    nll = -lik.logp.double()
-    metrics = {"n_eval": len(x), "nll_nats": nll.mean().item(),
-               "nll_stderr_nats": (nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,
-               "bpd": lik.bpd.double().mean().item(), "likelihood_nfe": lik.nfe,
-               "likelihood_seconds": lik.seconds}
-    mixture = model.data.mixture
-    if mixture is not None:
-        # Paired with the exact density of the same points: the KL(data ‖ model) estimate.
-        exact = -mixture.log_prob(scored.double()).mean().item()
-        metrics.update(nll_exact_nats=exact, kl_nats=metrics["nll_nats"] - exact)
-    return metrics, lik, scored
+def write_config(out: RunOutput, cfg: DictConfig, model: ResolvedModel) -> None:
+    """config.yaml: the resolved config, plus the SDE and model actually used (a checkpoint's own)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["used"] = {"model": model.source, "path": model.path, "train_steps": model.train_steps,
+                        "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": model.data.name}
+    out.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-def _header(cfg: DictConfig, model: ResolvedModel) -> dict[str, Any]:
+def header(cfg: DictConfig, model: ResolvedModel) -> dict[str, Any]:
+    """The metrics keys every task reports first: what ran on what."""
     return {"task": cfg.task.name, "sde": type(model.sde).__name__, "data": model.data.name, "model": model.source,
             "seed": cfg.seed}
 
 
+def _likelihood_metrics(held_out: HeldOutLikelihood) -> dict[str, Any]:
+    metrics = {"n_eval": held_out.n_eval, "nll_nats": held_out.nll_nats, "nll_stderr_nats": held_out.nll_stderr_nats,
+               "bpd": held_out.bpd, "likelihood_nfe": held_out.nfe, "likelihood_seconds": held_out.seconds}
+    if held_out.kl_nats is not None:
+        # Paired with the exact density of the same points: the KL(data ‖ model) estimate.
+        metrics.update(nll_exact_nats=held_out.exact_nll_nats, kl_nats=held_out.kl_nats)
+    return metrics
+
+
 def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
     """Sample with the chosen SDE and solver; quality against held-out data; the ODE likelihood of test data."""
-    files = RunFiles(run_dir)
+    out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
     tc = cfg.task
@@ -84,37 +62,34 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
                             solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed, device=device,
                             dtype=dtype, trajectory=tc.trajectories, progress=True, **options)
     samples = result.samples.cpu()
-    test = model.data.test
-    metrics = {**_header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
-               "sample_seconds": result.seconds,
-               "swd": sliced_wasserstein(samples, test, seed=cfg.seed),
-               # The same distance between two held-out sets: what a perfect sampler would score.
-               "swd_floor": sliced_wasserstein(model.data.train[:len(samples)], test, seed=cfg.seed)}
-    if model.data.mixture is not None:
-        weight_error, spread_ratio = model.data.mixture.mode_report(samples)
-        metrics.update(mode_weight_error=weight_error, mode_spread_ratio=spread_ratio)
+    metrics = {**header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
+               "sample_seconds": result.seconds, **sample_quality(samples, model.data, cfg.seed)}
     if tc.likelihood:
-        metrics.update(_likelihood(cfg, model, device, dtype)[0])
+        held_out = held_out_likelihood(model.sde, model.score_fn, model.data, likelihood_config(cfg), cfg.seed,
+                                       device, dtype, progress=True)
+        metrics.update(_likelihood_metrics(held_out))
 
-    files.write_config(cfg, model)
-    np.savez(files.path("samples.npz"), samples=samples.numpy(), z=result.z.cpu().numpy())
+    write_config(out, cfg, model)
+    out.write_npz("samples.npz", samples=samples.numpy(), z=result.z.cpu().numpy())
     title = f"{metrics['sde']}, {cfg.solver.name}: {result.nfe} NFE"
-    save_samples(files.path("samples.png"), samples, title, data=None if samples.dim() == 4 else test)
+    out.write_figure("samples.png", save_samples, samples, title, data=None if samples.dim() == 4 else model.data.test)
     if result.trajectory is not None:
-        save_trajectories(files.path("trajectories.png"), *result.trajectory, title)
-    files.write_metrics(metrics)
+        out.write_figure("trajectories.png", save_trajectories, *result.trajectory, title)
+    out.metrics(metrics)
     return metrics
 
 
 def likelihood_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
     """The ODE log-likelihood of ``likelihood.n_eval`` held-out points: nats, bits/dim, and per point."""
-    files = RunFiles(run_dir)
+    out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
-    scores, lik, scored = _likelihood(cfg, model, device, dtype)
-    metrics = {**_header(cfg, model), **scores}
-    files.write_config(cfg, model)
-    np.savez(files.path("likelihood.npz"), x=scored.cpu().numpy(), logp=lik.logp.cpu().numpy(),
-             bpd=lik.bpd.cpu().numpy(), z=lik.z.cpu().numpy())
-    files.write_metrics(metrics)
+    held_out = held_out_likelihood(model.sde, model.score_fn, model.data, likelihood_config(cfg), cfg.seed, device,
+                                   dtype, progress=True)
+    metrics = {**header(cfg, model), **_likelihood_metrics(held_out)}
+    write_config(out, cfg, model)
+    lik = held_out.result
+    out.write_npz("likelihood.npz", x=held_out.points.cpu().numpy(), logp=lik.logp.cpu().numpy(),
+         bpd=lik.bpd.cpu().numpy(), z=lik.z.cpu().numpy())
+    out.metrics(metrics)
     return metrics

@@ -27,28 +27,14 @@ from omegaconf import MISSING
 
 import sde_lib
 import solvers
-from data_lib.load import _LOADERS
-from models.networks import NETWORKS
+from core_lib import option_fields
+from data_lib import DATASETS
+from evaluation import LikelihoodConfig
+from models.networks import DERIVED_ARGS, NETWORKS
 from training.config import TrainConfig
 
 __all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "register_configs",
-           "SDE_CHOICES", "TASK_SCHEMAS"]
-
-SDE_CHOICES = {"vp": sde_lib.VPSDE, "subvp": sde_lib.subVPSDE, "ve": sde_lib.VESDE}
-
-
-@dataclasses.dataclass
-class LikelihoodConfig:
-    """How test log-likelihoods are computed, by every task that reports one (``solvers.log_likelihood``)."""
-
-    n_eval: int = 1000          # test points whose log-likelihood is computed
-    eps: float = 1e-5           # the time the data sit at (the ODE runs from eps to T)
-    rtol: float = 1e-5          # adaptive ODE tolerances (per-sample error control)
-    atol: float = 1e-5
-    divergence: str = "auto"    # exact (D VJPs, vectorised), hutchinson (unbiased, K probes), auto: exact up to 32 dims
-    probes: int = 1             # Hutchinson probes per point
-    method: str = "dopri5"      # torchdiffeq method: adaptive (dopri5, ...) or fixed-grid (rk4, midpoint, euler) with steps
-    steps: Optional[int] = None  # fixed-grid steps: the NFE is known in advance (rk4: 4 per step)
+           "TASK_SCHEMAS", "model_schema"]
 
 
 @dataclasses.dataclass
@@ -75,7 +61,7 @@ class CompareTask:
 
     name: str = "compare"
     samplers: List[str] = dataclasses.field(default_factory=lambda: [
-        "ancestral", "euler_maruyama", "pc", "ddim", "multistep", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # compare.SAMPLERS names
+        "ancestral", "euler_maruyama", "pc", "ddim", "multistep", "pf_ode_euler", "pf_ode_rk4", "pf_ode"])  # solver names or compare.PRESETS
     budgets: List[int] = dataclasses.field(default_factory=lambda: [10, 20, 50, 100, 200])  # NFE per sample
     n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
     eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
@@ -141,14 +127,11 @@ def _signature_fields(fn, skip: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
 
 
 def _dataclass_fields(cls) -> list[tuple[str, Any, Any]]:
-    hints = typing.get_type_hints(cls)
-    return [(f.name, _omegaconf_type(hints[f.name]),
-             f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            for f in dataclasses.fields(cls)]
+    return [(name, _omegaconf_type(hint), default) for name, hint, default in option_fields(cls)]
 
 
 def sde_schema(choice: str) -> type:
-    cls = SDE_CHOICES[choice]
+    cls = sde_lib.SDES[choice]
     return _schema(f"{cls.__name__}Config", [("_target_", str, f"sde_lib.{cls.__name__}"),
                                              *_signature_fields(cls.__init__, ())])
 
@@ -160,14 +143,13 @@ def solver_schema(name: str) -> type:
 
 
 def data_schema(name: str) -> type:
-    options_cls, _ = _LOADERS[name]
+    options_cls, _ = DATASETS[name]
     return _schema(f"{name}_data", [("name", str, name), ("n_train", int, 50_000), ("n_test", int, 5_000),
                                     *_dataclass_fields(options_cls)])
 
 
 def model_schema(kind: str) -> type:
-    derived = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}[kind]
-    net = _schema(f"{kind}_net", _signature_fields(NETWORKS[kind].__init__, derived))
+    net = _schema(f"{kind}_net", _signature_fields(NETWORKS[kind].__init__, DERIVED_ARGS[kind]))
     return _schema(f"{kind}_model", [("kind", str, kind), ("parameterization", str, "x0"),
                                      ("time_input", str, "log_snr"),
                                      ("net", net, dataclasses.field(default_factory=net))])
@@ -183,11 +165,11 @@ def register_configs() -> None:
         return
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for choice in SDE_CHOICES:
+    for choice in sde_lib.SDES:
         cs.store(group="schema/sde", name=choice, node=sde_schema(choice))
     for name in solvers.available():
         cs.store(group="schema/solver", name=name, node=solver_schema(name))
-    for name in _LOADERS:
+    for name in DATASETS:
         cs.store(group="schema/data", name=name, node=data_schema(name))
     for kind in NETWORKS:
         cs.store(group="schema/model", name=kind, node=model_schema(kind))

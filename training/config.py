@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional
 
-__all__ = ["TrainConfig"]
+from core_lib import UserError
+
+__all__ = ["TrainConfig", "TrainingError"]
+
+
+class TrainingError(UserError):
+    """Training cannot start or go on: a setting out of range, a loss that turned NaN, a resume checkpoint that does not fit."""
 
 
 @dataclasses.dataclass
@@ -35,3 +42,26 @@ class TrainConfig:
     resume: Optional[str] = None    # path of a checkpoint to continue from (exactly)
     eval_every: int = 0             # evaluate every this many steps (0: at the end only)
     eval_samples: int = 2000        # samples drawn for the evaluation figure
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train, before any work (each message names the ``task.`` key)."""
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise TrainingError(f"task.{key}: {what}, got {getattr(self, key)!r}.")
+
+        for key in ("steps", "batch_size", "log_every", "ckpt_every", "eval_samples"):
+            need(getattr(self, key) >= 1, key, "must be a positive integer")
+        for key in ("warmup", "eval_every"):
+            need(getattr(self, key) >= 0, key, "must be an integer >= 0")
+        for key in ("lr", "grad_clip", "eps"):
+            value = getattr(self, key)
+            need(math.isfinite(value) and value > 0, key, "must be a finite positive number")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(self.lr_schedule in ("cosine", "constant"), "lr_schedule", "must be cosine or constant")
+        need(self.loss in ("dsm", "ddpm", "ncsn"), "loss", "must be dsm, ddpm or ncsn")
+        need(self.weighting in ("s2", "likelihood"), "weighting", "must be s2 or likelihood")
+        need(self.reduction in ("mean", "sum"), "reduction", "must be mean or sum")
+        need(not self.importance_sampling or self.weighting == "likelihood", "importance_sampling",
+             "applies to task.weighting=likelihood only")

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from training.config import TrainingError
+
 
 class EMA:
     """θ_ema ← d θ_ema + (1 − d) θ after every update, with d_n = min(decay, (1 + n)/(10 + n)).
@@ -16,7 +18,7 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}.")
+            raise TrainingError(f"train.ema_decay must be in [0, 1), got {decay}.")
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)

@@ -1,17 +1,15 @@
 """The training loop: denoising score matching with Adam, warmup, clipping, EMA and exact resume.
 
-``train(cfg, run_dir)`` is what ``python run.py task=train`` calls. Everything random in training
-(batch indices, t, noise) comes from one torch.Generator whose state is checkpointed with the
-global torch RNG (dropout), so a run stopped at step k and resumed ends with the same weights as
-an uninterrupted run. Evaluation uses its own generator and the counter-based sampler noise, so
-it never perturbs training. Side effects that only one process may have in data-parallel training
-(progress bar, logs, plots, checkpoints) all go through :class:`RunOutput`.
+``train(config, model, data, out_dir)`` trains from Python with plain objects; ``python run.py
+task=train`` builds those objects from hydra and calls it. Everything random in training (batch
+indices, t, noise) comes from one torch.Generator whose state is checkpointed with the global
+torch RNG (dropout), so a run stopped at step k and resumed ends with the same weights as an
+uninterrupted run. Evaluation uses its own generator and the counter-based sampler noise, so it
+never perturbs training. Every file goes through ``evaluation.RunOutput``.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -19,120 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
-from tqdm import tqdm
 
 import solvers
-from data_lib import Dataset, dequantize, load_dataset
-from models.checkpoint import TRAINING_KEYS, CheckpointError, build_from_spec, read_checkpoint, save_checkpoint
-from training.config import TrainConfig
+from core_lib import build_options
+from data_lib import Dataset
+from evaluation import LikelihoodConfig, RunOutput, held_out_likelihood, save_samples
+from models import ScoreModel
+from models.checkpoint import TRAINING_KEYS, CheckpointError, model_spec, read_checkpoint
+from sde_lib import VESDE, VPSDE
+from training.config import TrainConfig, TrainingError
 from training.ema import EMA
 from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "TrainingError", "load_data", "scored_points", "data_log_likelihood", "model_spec_for", "evaluate", "RunOutput"]
+__all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config"]
 
 
-def typed_train_config(train_cfg: DictConfig) -> DictConfig:
-    """``task.*`` of ``task=train`` checked against :class:`TrainConfig`: a wrong type or unknown key is a ValueError.
-
-    hydra already checks it at composition (``tasks_lib.register_configs``); this repeats the check
-    for configs built by hand.
-    """
-    try:
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), train_cfg)
-    except (ValidationError, ConfigKeyError) as err:
-        raise ValueError(f"task.{err.full_key}: {str(err).splitlines()[0]}") from None
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on: the loss turned NaN, or a resume checkpoint does not match the run."""
-
-
-def load_data(cfg_data: DictConfig, seed: int) -> Dataset:
-    """The dataset a ``data`` config section names, with its options."""
-    options = OmegaConf.to_container(cfg_data, resolve=True)
-    return load_dataset(options.pop("name"), seed=seed, **options)
-
-
-def model_spec_for(cfg: DictConfig, data: Dataset) -> dict[str, Any]:
-    """The checkpoint's ``model_spec``: everything that rebuilds the SDE and the model, no config system needed."""
-    sde_cfg = OmegaConf.to_container(cfg.sde, resolve=True)
-    target = sde_cfg.pop("_target_")
-    net = OmegaConf.to_container(cfg.model.net, resolve=True)
-    return {
-        "sde": {"class": target.rsplit(".", 1)[-1], **sde_cfg},
-        "net": {"kind": cfg.model.kind, "event_shape": list(data.event_shape), **net},
-        "parameterization": cfg.model.parameterization,
-        "time_input": cfg.model.time_input,
-        "sigma_data": round(float(data.train.std()), 6),
-        "data": {"name": data.name, "levels": data.levels,
-                 "data_range": list(data.data_range) if data.data_range is not None else None},
-    }
-
-
-class RunOutput:
-    """Every side effect of a run (progress, CSV logs, plots, checkpoints, metrics), on the main process only."""
-
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, is_main: bool = True):
-        self.run_dir = run_dir
-        self.is_main = is_main
-        if is_main:  # the CSV logs are opened in it before save_checkpoint would create it
-            run_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, unit="step",
-                             dynamic_ncols=True, desc="train")
-        self._files: dict[str, tuple[Any, csv.DictWriter]] = {}
-
-    def _log(self, name: str, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        if name not in self._files:
-            path = self.run_dir / f"{name}.csv"
-            f = open(path, "a", newline="")
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if path.stat().st_size == 0:
-                writer.writeheader()
-            self._files[name] = (f, writer)
-        f, writer = self._files[name]
-        writer.writerow(row)
-        f.flush()
-
-    def train_row(self, row: dict[str, Any]) -> None:
-        self._log("train_log", row)
-        self.progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
-
-    def eval_row(self, row: dict[str, Any]) -> None:
-        self._log("eval_log", row)
-        if self.is_main:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
-            self.progress.write(f"step {row['step']}: {shown}")
-
-    def advance(self, n: int = 1) -> None:
-        self.progress.update(n)
-
-    def checkpoint(self, state: dict[str, Any], step: int, keep: bool) -> None:
-        if not self.is_main:
-            return
-        save_checkpoint(self.ckpt_dir / "last.pt", state)
-        if keep:
-            save_checkpoint(self.ckpt_dir / f"step_{step:07d}.pt", state)
-
-    def samples_figure(self, samples: torch.Tensor, step: int) -> None:
-        if self.is_main:
-            from training.plots import save_samples
-            save_samples(self.run_dir / "samples.png", samples.cpu(), f"EMA samples at step {step}")
-
-    def metrics(self, metrics: dict[str, Any]) -> None:
-        if self.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-    def close(self) -> None:
-        self.progress.close()
-        for f, _ in self._files.values():
-            f.close()
+def check_train_config(config: TrainConfig | dict) -> TrainConfig:
+    """A TrainConfig with every field of the right type and in range (``TrainConfig.validate``), or TrainingError."""
+    given = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return build_options(TrainConfig, given, "task=train", TrainingError)
 
 
 @torch.no_grad()
@@ -146,65 +51,32 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
     return total / count
 
 
-EXACT_DIVERGENCE_MAX_DIM = 32
-
-
-def scored_points(data: Dataset, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The points a likelihood of ``data`` is computed at: x itself, or x dequantised (seeded) if the data are discrete."""
-    if data.levels is None:
-        return x
-    return dequantize(x, data.levels, data.data_range, generator=torch.Generator(device=x.device).manual_seed(seed + 11))
-
-
-def data_log_likelihood(sde, score_fn, data: Dataset, x: torch.Tensor, seed: int, divergence: str = "auto",
-                        **options):
-    """``solvers.log_likelihood`` of points x of ``data``, dequantised first when the data are discrete.
-
-    Discrete data get uniform noise within each of their bins (seeded) and bits/dim with their
-    offset log₂(K/w). ``divergence="auto"`` is the exact divergence up to 32 dimensions (D VJPs
-    per step, vectorised) and Hutchinson's estimator above. Returns the LikelihoodResult and the
-    points actually scored.
-    """
-    if divergence == "auto":
-        divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
-    options["divergence"] = divergence
-    x = scored_points(data, x, seed)
-    lik = solvers.log_likelihood(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
-                                 **options)
-    return lik, x
-
-
-def evaluate(model, sde, data: Dataset, cfg: DictConfig, loss_fn, loss_options, step: int, out: RunOutput) -> dict:
+def evaluate(model: ScoreModel, data: Dataset, config: TrainConfig, likelihood: LikelihoodConfig, seed: int,
+             loss_fn, loss_options, step: int, out: RunOutput) -> dict[str, Any]:
     """Test loss, a sample figure and the test NLL through the ODE (bits/dim with the data's levels)."""
-    tc, lc = cfg.task, cfg.likelihood
+    sde = model.sde
     row: dict[str, Any] = {"step": step}
-    row["test_loss"] = _test_loss(model, sde, data, loss_fn, loss_options, tc.batch_size, cfg.seed + 7)
-    samples = solvers.sample(sde, model, (tc.eval_samples, *data.event_shape), solver="pf_ode", seed=cfg.seed,
+    row["test_loss"] = _test_loss(model, sde, data, loss_fn, loss_options, config.batch_size, seed + 7)
+    samples = solvers.sample(sde, model, (config.eval_samples, *data.event_shape), solver="pf_ode", seed=seed,
                              device=data.test.device).samples
-    out.samples_figure(samples, step)
-    lik, x = data_log_likelihood(sde, model, data, data.test[:lc.n_eval], cfg.seed, eps=lc.eps, rtol=lc.rtol,
-                                 atol=lc.atol, divergence=lc.divergence, probes=lc.probes, method=lc.method,
-                                 steps=lc.steps)
-    row["test_nll_nats"] = -lik.logp.mean().item()
-    row["test_bpd"] = lik.bpd.mean().item()
-    row["nll_nfe"] = lik.nfe
-    if data.mixture is not None:
-        # Paired with the exact density on the same points: the KL(data ‖ model) estimate.
-        data_nll = -data.mixture.log_prob(x.double()).mean().item()
-        row["data_nll_nats"] = data_nll
-        row["kl_nats"] = row["test_nll_nats"] - data_nll
+    out.write_figure("samples.png", save_samples, samples.cpu(), f"EMA samples at step {step}")
+    held_out = held_out_likelihood(sde, model, data, likelihood, seed, device=data.test.device)
+    row["test_nll_nats"] = held_out.nll_nats
+    row["test_bpd"] = held_out.bpd
+    row["nll_nfe"] = held_out.nfe
+    if held_out.kl_nats is not None:
+        row["data_nll_nats"] = held_out.exact_nll_nats
+        row["kl_nats"] = held_out.kl_nats
     return row
 
 
-def learning_rate(step: int, tc: DictConfig) -> float:
+def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup over ``warmup`` steps, then constant or (``lr_schedule=cosine``) cosine decay to 0."""
-    if tc.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"task.lr_schedule must be constant or cosine, got {tc.lr_schedule!r}.")
-    warm = min(1.0, (step + 1) / max(tc.warmup, 1))
-    if tc.lr_schedule == "constant" or step < tc.warmup:
-        return tc.lr * warm
-    progress = (step - tc.warmup) / max(tc.steps - tc.warmup, 1)
-    return tc.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = min(1.0, (step + 1) / max(config.warmup, 1))
+    if config.lr_schedule == "constant" or step < config.warmup:
+        return config.lr * warm
+    progress = (step - config.warmup) / max(config.steps - config.warmup, 1)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -222,99 +94,145 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train a score model as ``cfg`` says and write checkpoints, logs, plots and metrics into run_dir."""
-    tc = typed_train_config(cfg.task)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.seed)
+def resume(path: str | Path, spec: dict[str, Any], model: ScoreModel, ema: EMA, optimizer: torch.optim.Optimizer,
+           gen: torch.Generator, total_steps: int, device: torch.device) -> int:
+    """Load the training state of checkpoint ``path`` into model, EMA, optimizer and RNGs; return its step.
+
+    The checkpoint must be a full training checkpoint of the same ``model_spec``, at a step no later
+    than ``total_steps``; anything else is a CheckpointError that says what to do.
+    """
+    state = read_checkpoint(path, map_location=device)
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if len(missing) == len(TRAINING_KEYS):
+        raise CheckpointError(f"{path} holds the EMA weights only (an exported model); resuming needs a "
+                              "training checkpoint, such as a run's checkpoints/last.pt.")
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}, which resuming needs; it is incomplete: "
+                              "resume from another checkpoint of the run.")
+    if state["model_spec"] != spec:
+        raise CheckpointError(f"checkpoint {path} was trained with model_spec {state['model_spec']}, but this "
+                              f"run asks for {spec}; resume with the same sde, model and data, or start a new run.")
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        ema.load_state_dict({"module": state["ema"], "updates": state["ema_updates"]})
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(gen, state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]}); "
+                              "resume with the config it was trained with.") from None
+    step = int(state["step"])
+    if step > total_steps:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, past task.steps={total_steps}; "
+                              "raise task.steps to continue.")
+    log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | Path,
+          likelihood: LikelihoodConfig | None = None, seed: int = 0, device: str | torch.device = "cpu",
+          record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``data`` as ``config`` says; write checkpoints, logs, plots and metrics.json into out_dir.
+
+    Args:
+        config: the training settings (``TrainConfig``; checked before any work).
+        model: a ``ScoreModel`` built by ``models.build_score_model`` (its SDE is the model's ``sde``). The
+            global torch RNG is used only for the model's initialisation (seed it before building the model)
+            and dropout, and is checkpointed.
+        data: the data set; its train split is trained on, its test split evaluated.
+        out_dir: the run directory (refused if it already holds a finished run's metrics.json).
+        likelihood: how the evaluations' test likelihood is computed.
+        seed: seeds the batches, times, noise and evaluations: the same seed gives the same run.
+        device: where to train.
+        record: the run's full config, stored in every checkpoint (``python run.py`` passes the resolved
+            hydra config); None stores ``config``, ``likelihood``, ``seed`` and the data's name.
+
+    Returns:
+        The metrics written to metrics.json: the last evaluation's test loss, NLL, bpd (and KL
+        against the exact density where it is known).
+    """
+    config = check_train_config(config)
+    likelihood = likelihood or LikelihoodConfig()
+    device = torch.device(device)
+    sde = model.sde
+    if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
+        raise TrainingError(f"task.loss={config.loss} needs {'sde=vp' if config.loss == 'ddpm' else 'sde=ve'} "
+                            f"(its discrete chain), got {type(sde).__name__}; use task.loss=dsm.")
+    out = RunOutput(out_dir)
     data = dataclasses.replace(data, train=data.train.to(device), test=data.test.to(device))
-    spec = model_spec_for(cfg, data)
-    sde, model = build_from_spec(spec)
+    spec = model_spec(model, {"name": data.name, "levels": data.levels,
+                              "data_range": list(data.data_range) if data.data_range is not None else None})
+    if record is None:
+        record = {"task": dataclasses.asdict(config), "likelihood": dataclasses.asdict(likelihood), "seed": seed,
+                  "data": {"name": data.name}}
     model.to(device)
-    ema = EMA(model, tc.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8,
-                                 weight_decay=tc.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    loss_fn = get_loss(tc.loss)
-    loss_options = {"reduction": tc.reduction}
-    if tc.loss == "dsm":
-        loss_options.update(eps=tc.eps, weighting=tc.weighting, importance_sampling=tc.importance_sampling)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas), eps=1e-8,
+                                 weight_decay=config.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    loss_fn = get_loss(config.loss)
+    loss_options = {"reduction": config.reduction}
+    if config.loss == "dsm":
+        loss_options.update(eps=config.eps, weighting=config.weighting, importance_sampling=config.importance_sampling)
 
     step = 0
-    if tc.resume:
-        state = read_checkpoint(tc.resume, map_location=device)
-        missing = [k for k in TRAINING_KEYS if k not in state]
-        if len(missing) == len(TRAINING_KEYS):
-            raise CheckpointError(f"{tc.resume} holds the EMA weights only (an exported model); resuming needs a "
-                                  "training checkpoint, such as a run's checkpoints/last.pt.")
-        if missing:
-            raise CheckpointError(f"{tc.resume} lacks {', '.join(missing)}, which resuming needs; it is incomplete: "
-                                  "resume from another checkpoint of the run.")
-        if state["model_spec"] != spec:
-            raise CheckpointError(f"checkpoint {tc.resume} was trained with model_spec {state['model_spec']}, but this "
-                                  f"run asks for {spec}; resume with the same sde, model and data, or start a new run.")
-        try:
-            model.load_state_dict(state["model"], strict=True)
-            ema.load_state_dict({"module": state["ema"], "updates": state["ema_updates"]})
-            optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(gen, state["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"checkpoint {tc.resume} does not fit this model ({str(err).splitlines()[0]}); "
-                                  "resume with the config it was trained with.") from None
-        step = int(state["step"])
-        if step > tc.steps:
-            raise CheckpointError(f"checkpoint {tc.resume} is at step {step}, past task.steps={tc.steps}; "
-                                  "raise task.steps to continue.")
-        log.info("resumed from %s at step %d", tc.resume, step)
+    last_good = None   # the newest checkpoint of this run's weights, for messages
+    if config.resume:
+        step = resume(config.resume, spec, model, ema, optimizer, gen, config.steps, device)
+        last_good = Path(config.resume)
 
     def snapshot() -> dict[str, Any]:
         return {"model_spec": spec, "model": model.state_dict(), "ema": ema.module.state_dict(),
                 "ema_updates": ema.updates, "optimizer": optimizer.state_dict(), "step": step,
-                "rng": _rng_state(gen), "config": config}
+                "rng": _rng_state(gen), "config": record}
 
-    out = RunOutput(run_dir, tc.steps, step)
+    def evaluation() -> dict[str, Any]:
+        row = evaluate(ema.module, data, config, likelihood, seed, loss_fn, loss_options, step, out)
+        out.log_row("eval_log", row)
+        out.say(f"step {row['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                      if k != "step" and isinstance(v, float)))
+        return row
+
+    bar = out.start_progress(config.steps, step)
     eval_row: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     try:
-        while step < tc.steps:
-            lr = learning_rate(step, tc)
+        while step < config.steps:
+            lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = torch.randint(0, len(data.train), (tc.batch_size,), generator=gen, device=device)
+            idx = torch.randint(0, len(data.train), (config.batch_size,), generator=gen, device=device)
             loss = loss_fn(model, sde, data.train[idx], generator=gen, **loss_options)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             # One check (one host sync) for both: a NaN loss has NaN gradients, and clipping cannot repair a
             # non-finite gradient; stepping would put NaN weights (and EMA) into the next last.pt.
             if not torch.isfinite(loss + grad_norm):
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingError(f"the loss ({loss.item():.4g}) or its gradient norm ({grad_norm.item():.4g}) became "
-                                    f"non-finite at step {step + 1}; the last good checkpoint is kept at "
-                                    f"{out.ckpt_dir / 'last.pt'} (if one was written); lower task.lr (now {tc.lr}) "
-                                    f"or task.grad_clip (now {tc.grad_clip}).")
+                                    f"non-finite at step {step + 1}; {kept}; lower task.lr (now {config.lr}) "
+                                    f"or task.grad_clip (now {config.grad_clip}).")
             optimizer.step()
             ema.update(model)
             step += 1
             window_steps += 1
-            out.advance()
-            if step % tc.log_every == 0 or step == tc.steps:
+            bar.update()
+            if step % config.log_every == 0 or step == config.steps:
                 now = time.perf_counter()
-                out.train_row({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                               "steps_per_second": window_steps / (now - window_start)})
+                out.log_row("train_log", {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                                          "steps_per_second": window_steps / (now - window_start)})
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
                 window_start, window_steps = now, 0
-            if step % tc.ckpt_every == 0 or step == tc.steps:
-                out.checkpoint(snapshot(), step, keep=step == tc.steps)
-            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                eval_row = evaluate(ema.module, sde, data, cfg, loss_fn, loss_options, step, out)
-                out.eval_row(eval_row)
+            if step % config.ckpt_every == 0 or step == config.steps:
+                out.checkpoint(snapshot(), step, keep=step == config.steps)
+                last_good = out.ckpt_dir / "last.pt"
+            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                eval_row = evaluation()
         if not eval_row:  # resumed at task.steps: nothing left to train, so evaluate the checkpoint
-            eval_row = evaluate(ema.module, sde, data, cfg, loss_fn, loss_options, step, out)
-            out.eval_row(eval_row)
+            eval_row = evaluation()
     finally:
         out.close()
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,
-               "model": cfg.model.kind, "loss": tc.loss, **{k: v for k, v in eval_row.items() if k != "step"}}
+               "model": spec["net"]["kind"], "loss": config.loss, **{k: v for k, v in eval_row.items() if k != "step"}}
     out.metrics(metrics)
     return metrics

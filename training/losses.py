@@ -1,4 +1,4 @@
-"""Score-matching losses (MATH.md §5): continuous DSM with s² or likelihood weighting, DDPM's ε-loss, NCSN's.
+"""Score-matching losses (docs/math.md §5): continuous DSM with s² or likelihood weighting, DDPM's ε-loss, NCSN's.
 
 Every loss takes a model exposing ``model(x, t)`` (the score) and, for DDPM, ``model.eps(x, t)``
 (``models.ScoreModel``), a batch x0 (B, ...) and a torch.Generator for t and the noise, and returns
@@ -12,6 +12,7 @@ from typing import Callable, Literal
 import torch
 
 from sde_lib import SDE, VESDE, VPSDE, batch_broadcast
+from training.config import TrainingError
 
 Tensor = torch.Tensor
 
@@ -20,7 +21,7 @@ __all__ = ["dsm_loss", "ddpm_loss", "ncsn_loss", "LOSSES", "get_loss"]
 
 def _reduce(per_element: Tensor, reduction: str) -> Tensor:
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+        raise TrainingError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     flat = per_element.flatten(1)
     return (flat.mean(1) if reduction == "mean" else flat.sum(1)).mean()
 
@@ -48,7 +49,7 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, ge
     u = _rand(n, x0, generator)
     if importance_sampling:
         if weighting != "likelihood":
-            raise ValueError("importance_sampling applies to weighting='likelihood' only.")
+            raise TrainingError("importance_sampling applies to weighting='likelihood' only.")
         lam_T = sde.half_log_snr(torch.tensor(sde.T, dtype=torch.float64)).item()
         lam_eps = sde.half_log_snr(torch.tensor(eps, dtype=torch.float64)).item()
         t = sde.t_from_half_log_snr(lam_T + u.double() * (lam_eps - lam_T)).to(x0.dtype).clamp(eps, sde.T)
@@ -65,7 +66,7 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, ge
         weight = scale if importance_sampling else batch_broadcast(sde.diffusion_sq(t).to(x0.dtype) / std**2, x0)
         per_element = per_element * weight
     elif weighting != "s2":
-        raise ValueError(f"weighting must be 's2' or 'likelihood', got {weighting!r}.")
+        raise TrainingError(f"weighting must be 's2' or 'likelihood', got {weighting!r}.")
     return _reduce(per_element, reduction)
 
 
@@ -81,7 +82,7 @@ def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = N
               reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
     """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = chain_times()[i])."""
     if not isinstance(sde, VPSDE):
-        raise ValueError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
+        raise TrainingError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
     t, m = _chain_sample(sde, x0, generator)              # m_i = 1 − ᾱ_i
     noise = _randn_like(x0, generator)
     xt = batch_broadcast((1 - m).sqrt(), x0) * x0 + batch_broadcast(m.sqrt(), x0) * noise
@@ -92,7 +93,7 @@ def ncsn_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = N
               reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
     """NCSN's loss, E_i σ_i² E ‖s_θ(x0 + σ_i z, t_i) + z/σ_i‖², on VE's geometric σ chain (t_i = i/(N−1))."""
     if not isinstance(sde, VESDE):
-        raise ValueError(f"the NCSN loss needs a VESDE (NCSN's σ chain), got {type(sde).__name__}; use loss=dsm.")
+        raise TrainingError(f"the NCSN loss needs a VESDE (NCSN's σ chain), got {type(sde).__name__}; use loss=dsm.")
     t, m = _chain_sample(sde, x0, generator)              # m_i = σ_i²
     sigma = batch_broadcast(m.sqrt(), x0)
     z = _randn_like(x0, generator)
@@ -105,5 +106,5 @@ LOSSES = {"dsm": dsm_loss, "ddpm": ddpm_loss, "ncsn": ncsn_loss}
 def get_loss(name: str) -> Callable:
     """The loss function registered under ``name`` (dsm, ddpm, ncsn)."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(LOSSES)}.")
+        raise TrainingError(f"unknown loss {name!r}; available: {', '.join(LOSSES)}.")
     return LOSSES[name]

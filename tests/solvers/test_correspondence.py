@@ -8,10 +8,9 @@ import torch
 
 import solvers
 from models import MixtureScore, ring_mixture
-from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import SDES, subVPSDE, VESDE, VPSDE
 
 F64 = torch.float64
-SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
 
 
 def _slope(steps, errors) -> float:

@@ -11,9 +11,8 @@ import torch
 
 import solvers
 from models import MixtureScore, random_mixture, ring_mixture
-from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import SDES, subVPSDE, VESDE, VPSDE
 
-SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
 PROBLEMS = {"ring2d": ring_mixture, "mix16d": random_mixture}
 
 
@@ -31,7 +30,6 @@ def setup(sde_name, problem, n=200):
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
-@pytest.mark.parametrize("sde_name", SDES)
 def test_reference_solution_is_converged(sde_name, problem):
     sde, score, z, exact = setup(sde_name, problem)
     other = solvers.sample(sde, score, z=z, solver="pf_ode", method="dopri5", rtol=1e-10, atol=1e-10).samples
@@ -43,7 +41,6 @@ ORDERS = {"euler": (1, [400, 800, 1600]), "midpoint": (2, [100, 200, 400]), "rk4
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
-@pytest.mark.parametrize("sde_name", SDES)
 @pytest.mark.parametrize("method", ORDERS)
 def test_fixed_grid_order(method, sde_name, problem):
     order, steps = ORDERS[method]
@@ -54,7 +51,6 @@ def test_fixed_grid_order(method, sde_name, problem):
     assert slope == pytest.approx(order, abs=0.35), errors
 
 
-@pytest.mark.parametrize("sde_name", SDES)
 def test_adaptive_error_shrinks_with_tolerance(sde_name):
     """dopri5's global error falls roughly in proportion to the tolerance (log–log slope near 1)."""
     sde, score, z, exact = setup(sde_name, "ring2d")

@@ -18,17 +18,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import models
 import solvers
 from data_lib import load_dataset
 from models.checkpoint import CheckpointError, export_checkpoint, read_checkpoint, save_checkpoint
 from sde_lib import VPSDE
-from training import TrainingError, train
+from evaluation import LikelihoodConfig
+from training import TrainConfig, TrainingError, train
 import training.loop as loop_module
-from tasks_lib import compose
+from tasks_lib import TASKS, compose
 from training.ema import EMA
-from training.loop import learning_rate
+from training.loop import check_train_config, learning_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +59,8 @@ def make_cfg(*overrides, base=TINY):
 
 
 def run_train(run_dir: Path, *overrides, base=TINY) -> dict:
-    return train(make_cfg(*overrides, base=base), run_dir)
+    """What ``python run.py <TINY> <overrides>`` does, in process."""
+    return TASKS["train"](make_cfg(*overrides, base=base), run_dir, set())
 
 
 def cli_args(run_dir: Path, *overrides, base=TINY) -> list[str]:
@@ -337,9 +340,9 @@ def test_cli_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     run_train(run_dir, "task.steps=20", "task.ckpt_every=10")
     path = run_dir / "checkpoints" / "last.pt"
     before, stamp = path.read_bytes(), path.stat().st_mtime_ns
-    proc = run_cli(run_dir, "task.steps=40", "task.ckpt_every=10", "task.lr=1e30", "task.warmup=1",
+    proc = run_cli(tmp_path / "more", "task.steps=40", "task.ckpt_every=10", "task.lr=1e30", "task.warmup=1",
                    f"task.resume={path}")
-    _assert_clean_failure(proc, rf"became non-finite at step 2[1-9]; the last good checkpoint is kept at {path}")
+    _assert_clean_failure(proc, rf"became non-finite at step 2[1-9]; the last good checkpoint is {path}")
     assert path.read_bytes() == before and path.stat().st_mtime_ns == stamp
     loaded = models.load_checkpoint(path)
     assert loaded.step == 20
@@ -366,7 +369,7 @@ def test_nan_gradient_stops_before_a_checkpoint_gets_nan_weights(tmp_path, monke
 
     monkeypatch.setattr(loop_module, "get_loss", get_loss)
     run_dir = tmp_path / "run"
-    with pytest.raises(TrainingError, match=rf"\(nan\) became non-finite at step 12; the last good checkpoint is kept at "
+    with pytest.raises(TrainingError, match=rf"\(nan\) became non-finite at step 12; the last good checkpoint is "
                                             rf"{run_dir / 'checkpoints' / 'last.pt'}"):
         run_train(run_dir, "task.steps=40", "task.ckpt_every=1")
     state = last(run_dir)
@@ -430,5 +433,20 @@ def test_learning_rate_warms_up_then_stays_or_follows_the_cosine():
     assert learning_rate(99, cosine) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 89 / 90)))
     lrs = [learning_rate(s, cosine) for s in range(10, 100)]
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    with pytest.raises(ValueError, match="lr_schedule must be constant or cosine, got 'step'"):
-        learning_rate(50, make_cfg("task.lr_schedule=step").task)
+    with pytest.raises(TrainingError, match="task.lr_schedule: must be cosine or constant, got 'step'"):
+        check_train_config(OmegaConf.to_container(make_cfg("task.lr_schedule=step").task))
+
+
+def test_training_from_python_without_hydra_matches_the_command_line(tmp_path):
+    """``training.train`` on plain objects (no config system) trains the same weights as ``task=train``."""
+    run_train(tmp_path / "cli", "task.steps=20")
+    torch.manual_seed(0)
+    data = load_dataset("ring", n_train=512, n_test=128, seed=0)
+    model = models.build_score_model(VPSDE(), "mlp", data.event_shape, parameterization="eps",
+                                     sigma_data=round(float(data.train.std()), 6), hidden=32, depth=1)
+    config = TrainConfig(steps=20, batch_size=64, lr=2e-3, warmup=20, lr_schedule="constant", ema_decay=0.99,
+                         log_every=10, ckpt_every=10, eval_samples=64)
+    metrics = train(config, model, data, tmp_path / "python", seed=0,
+                    likelihood=LikelihoodConfig(n_eval=32, rtol=1e-3, atol=1e-3, divergence="exact"))
+    assert metrics["steps"] == 20 and math.isfinite(metrics["test_nll_nats"])
+    assert_same(last(tmp_path / "python")["ema"], last(tmp_path / "cli")["ema"], "ema")

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from models import MixtureScore, MLPScoreNet, ScoreModel, random_mixture, ring_mixture
-from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import SDES, subVPSDE, VESDE, VPSDE
 from training import LOSSES, ddpm_loss, dsm_loss, get_loss, ncsn_loss
 
-SDES = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
 
 
 def _mean_se(values) -> tuple[float, float]:

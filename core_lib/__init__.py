@@ -1,0 +1,12 @@
+"""What every layer shares: the one user-error class and the typed-options helper.
+
+Public API::
+
+    core_lib.UserError                          # base of every error that is the user's to fix
+    core_lib.build_options(cls, given, owner)   # a typed options dataclass from a dict, checked
+    core_lib.option_fields(cls)                 # (name, type, default) of an options dataclass
+"""
+from core_lib.errors import UserError
+from core_lib.options import build_options, describe_type, option_fields, value_matches
+
+__all__ = ["UserError", "build_options", "option_fields", "describe_type", "value_matches"]

@@ -1,0 +1,117 @@
+"""Time grids apart from samplers: where the steps of a fixed-step solve go, from T down to eps.
+
+Any solver with a fixed number of steps takes its grid from here through :class:`GridOptions`
+(the options ``grid``, ``rho``, ``focus``, ``focus_width_noise``, ``focus_width_data``, ``times``)
+and :func:`solve_times`: ``multistep``, ``ddim``, ``heun``, ``pf_ode`` with a fixed-grid method,
+and ``euler_maruyama``. A new grid is one branch of :func:`time_grid` (docs/math.md §4.3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Literal, Optional
+
+import torch
+
+from sde_lib import SDE
+from solvers.base import SolverError
+
+Tensor = torch.Tensor
+
+__all__ = ["GRIDS", "GridKind", "GridOptions", "time_grid", "solve_times", "half_log_snr_at"]
+
+GRIDS = ("t", "log_snr", "edm", "focus", "user")
+GridKind = Literal["t", "log_snr", "edm", "focus", "user"]
+
+
+def half_log_snr_at(sde: SDE, t: float) -> float:
+    """λ(t) = log(α/s) at one time, as a Python float."""
+    return float(sde.half_log_snr(torch.tensor(t, dtype=torch.float64)))
+
+
+def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
+              times: Optional[List[float]] = None, focus_sigma: float = 2.5,
+              focus_width: tuple[float, float] = (1.5, 1.6), dtype=torch.float64) -> Tensor:
+    """steps + 1 times from T down to eps (float64).
+
+    kinds: "t" uniform in t; "log_snr" uniform in the half log-SNR λ; "edm" EDM's ρ-spacing of
+    σ = s/α, σ_i^{1/ρ} uniform (Karras et al. 2022, eq. 5); "focus": step density in λ
+    ∝ sech((λ − λ_c)/w) with λ_c = −log(focus_sigma), i.e. steps concentrated around the noise
+    level where the data's modes separate, and w = focus_width[0] on the noisy side (λ < λ_c),
+    focus_width[1] on the data side (w → ∞ gives "log_snr"; w = 1 on both sides is a grid
+    uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
+    decreasing, eps last; ``steps`` is then len(times) − 1).
+    """
+    if kind == "t":
+        return torch.linspace(sde.T, eps, steps + 1, dtype=dtype)
+    if kind == "user":
+        if not times or len(times) < 2:
+            raise SolverError("grid='user' needs times=[T, ..., eps], at least two decreasing times.")
+        t = torch.tensor([float(v) for v in times], dtype=torch.float64)
+        if not bool((t[1:] < t[:-1]).all()) or abs(t[0].item() - sde.T) > 1e-12 or abs(t[-1].item() - eps) > 1e-12:
+            raise SolverError(f"times must decrease strictly from T = {sde.T} to eps = {eps}, got {list(times)}.")
+        return t.to(dtype)
+    lam_T, lam_eps = half_log_snr_at(sde, sde.T), half_log_snr_at(sde, eps)
+    if kind == "log_snr":
+        lam = torch.linspace(lam_T, lam_eps, steps + 1, dtype=torch.float64)
+    elif kind == "edm":
+        if not rho > 0:
+            raise SolverError(f"rho must be positive, got {rho}.")
+        hi, lo = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)       # σ^{1/ρ} at T and at eps
+        lam = -rho * torch.log(torch.linspace(hi, lo, steps + 1, dtype=torch.float64))
+    elif kind == "focus":
+        noisy, clean = focus_width
+        if not (focus_sigma > 0 and noisy > 0 and clean > 0):
+            raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
+        # Equal steps of the density's CDF, w·gd(v/w) on either side of v = λ − λ_c = 0, with the
+        # Gudermannian gd(v) = atan(sinh v); its inverse is w·asinh(tan(g/w)).
+        lam_c = -math.log(focus_sigma)
+        width = lambda v: noisy if v < 0 else clean  # noqa: E731
+        ends = [lam - lam_c for lam in (lam_T, lam_eps)]
+        cdf = torch.linspace(*[width(v) * math.atan(math.sinh(v / width(v))) for v in ends], steps + 1,
+                             dtype=torch.float64)
+        w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
+        lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
+    else:
+        raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
+    t = sde.t_from_half_log_snr(lam)
+    t[0], t[-1] = sde.T, eps                 # exact end points, whatever the inverse's rounding
+    return t.to(dtype)
+
+
+@dataclasses.dataclass
+class GridOptions:
+    """Where the steps go (see :func:`time_grid`); the ``focus`` grid is placed relative to the solve's σ_data."""
+
+    grid: GridKind = "focus"
+    rho: float = 7.0                   # grid="edm": ρ
+    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data
+    focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
+    focus_width_data: float = 1.6      # grid="focus": and towards the data
+    times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
+
+    def validate(self):
+        if not all(math.isfinite(v) and v > 0
+                   for v in (self.rho, self.focus, self.focus_width_noise, self.focus_width_data)):
+            raise SolverError(f"rho, focus, focus_width_noise and focus_width_data must be finite and positive, got "
+                              f"{self.rho}, {self.focus}, {self.focus_width_noise}, {self.focus_width_data}.")
+        if self.grid == "user" and not self.times:
+            raise SolverError("grid='user' needs times=[T, ..., eps].")
+
+
+def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, default_steps: int,
+                sigma_data: float, grid: str | None = None) -> Tensor:
+    """The grid of one solve (float64, T first, eps last) from a solver's grid options.
+
+    ``steps`` None takes ``default_steps``; with ``grid="user"`` the number of steps is len(times) − 1,
+    and a different ``steps`` is refused. ``grid`` overrides ``options.grid`` (a solver's own default).
+    """
+    kind = grid or options.grid
+    if kind == "user":
+        if not options.times:
+            raise SolverError("grid='user' needs times=[T, ..., eps].")
+        if steps is not None and steps != len(options.times) - 1:
+            raise SolverError(f"steps={steps} but times has {len(options.times) - 1} steps; give one or the other.")
+        return time_grid(sde, eps, len(options.times) - 1, "user", times=options.times)
+    return time_grid(sde, eps, steps or default_steps, kind, options.rho, focus_sigma=options.focus * sigma_data,
+                     focus_width=(options.focus_width_noise, options.focus_width_data))
