@@ -2,7 +2,7 @@
 
 The problem is the 2-D ring of 8 Gaussians (``models.ring_mixture()``: σ = 0.3, radius 4)
 under ``VPSDE()`` (β from 0.1 to 20), driven by its exact score ``models.MixtureScore``, so
-the probability-flow ODE, its flow and log p_t are all known (MATH.md §8).
+the probability-flow ODE, its flow and log p_t are all known (docs/math.md §8).
 
 The baseline re-implements, in this file, the algorithms of the code released with Song et al.
 2021 ("Score-Based Generative Modeling through SDEs"), in float64:
@@ -59,7 +59,7 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 SEED = 0
 N_POINTS = 1000                     # batch size of the sampling and likelihood comparisons
-SAMPLE_EPS = 1e-3                   # where PF-ODE sampling stops (MATH.md §4)
+SAMPLE_EPS = 1e-3                   # where PF-ODE sampling stops (docs/math.md §4)
 LIKELIHOOD_EPS = 1e-5               # where the likelihood ODE starts
 LIKELIHOOD_TOL = 1e-5               # rtol = atol of every likelihood solve
 SAMPLE_TOLS = (1e-3, 1e-4, 1e-5)    # rtol = atol of the sampling comparison

@@ -1,4 +1,4 @@
-"""Uniform dequantisation of discrete data, in the convention of ``solvers.bits_per_dim`` (MATH.md §6)."""
+"""Uniform dequantisation of discrete data, in the convention of ``solvers.bits_per_dim`` (docs/math.md §6)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Forward SDEs with Gaussian transition kernels (MATH.md §1–§3).
+"""Forward SDEs with Gaussian transition kernels (docs/math.md §1–§3).
 
 All three SDEs are linear, ``dx = f(t) x dt + g(t) dw``, so the perturbation kernel is
 ``x_t | x_0 ~ N(α(t) x_0, s(t)² I)``. The base class derives everything a sampler needs
@@ -43,7 +43,7 @@ class SDE(abc.ABC):
     """
 
     T: float = 1.0
-    #: Default t at which samplers stop (MATH.md §4): the score blows up at t = 0.
+    #: Default t at which samplers stop (docs/math.md §4): the score blows up at t = 0.
     default_eps: float = 1e-3
 
     def __init__(self, N: int = 1000):
@@ -231,7 +231,7 @@ class SDE(abc.ABC):
 
 @dataclasses.dataclass
 class ReverseSDE:
-    """The reverse-time process of ``forward`` (MATH.md §1), with the same ``sde``/``discretize`` interface.
+    """The reverse-time process of ``forward`` (docs/math.md §1), with the same ``sde``/``discretize`` interface.
 
     With ``probability_flow=True`` the diffusion is zero and the drift is the PF-ODE's
     f − ½ g² ∇log p. Drifts are in forward time: a sampler going from T to 0 steps by −Δt.
@@ -319,7 +319,7 @@ class _VPFamily(SDE):
 
 
 class VPSDE(_VPFamily):
-    """Variance-preserving SDE, the continuous limit of DDPM (MATH.md §2).
+    """Variance-preserving SDE, the continuous limit of DDPM (docs/math.md §2).
 
     f = −½ β(t) x, g = √β(t), s(t)² = 1 − α(t)². Its N-step chain is DDPM's with
     β_i = β(t_i)/N, t_i = i/(N−1)·T: for the defaults, linspace(1e-4, 0.02, 1000).
@@ -345,7 +345,7 @@ class VPSDE(_VPFamily):
 
 
 class subVPSDE(_VPFamily):
-    """Sub-VP SDE (MATH.md §2): VP's drift, g² = β(t)(1 − α(t)⁴), s(t) = 1 − α(t)².
+    """Sub-VP SDE (docs/math.md §2): VP's drift, g² = β(t)(1 − α(t)⁴), s(t) = 1 − α(t)².
 
     Its variance s² lies below VP's at every t. Its chain is the Euler–Maruyama
     discretisation x_{i+1} = x_i + f(t_i) x_i/N + √(g(t_i)²/N) z, as in the reference code.
@@ -375,7 +375,7 @@ class subVPSDE(_VPFamily):
 
 
 class VESDE(SDE):
-    """Variance-exploding SDE, the continuous limit of NCSN/SMLD (MATH.md §2).
+    """Variance-exploding SDE, the continuous limit of NCSN/SMLD (docs/math.md §2).
 
     σ(t) = σ_min (σ_max/σ_min)^t, f = 0, g = σ(t) √(2 ln(σ_max/σ_min)), α = 1, s = σ(t)
     (data at t = 0 carry σ_min noise, the reference convention). Prior N(0, σ_max² I).

@@ -1,6 +1,6 @@
 """Fast PF-ODE samplers: exponential-integrator multistep methods (DDIM is order 1) and EDM's Heun.
 
-For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has exact integral forms (docs/math.md §4.2;
+For any of the linear SDEs, x_t = α(t) x_0 + s(t) ε, the PF-ODE has exact integral forms (docs/math.md §4.4–§4.5;
 Lu et al. 2022a/b, Karras et al. 2022). With σ = s/α and λ = log(α/s) = −log σ,
 
     data prediction, in λ:   x_t = (s_t/s_u) x_u + α_t ∫_{λ_u}^{λ_t} e^{λ−λ_t} x̂_0(λ) dλ,
@@ -8,7 +8,7 @@ Lu et al. 2022a/b, Karras et al. 2022). With σ = s/α and λ = log(α/s) = −l
     EDM's F, in the angle u = arctan(σ/σ_data):  y_t = y_u − ∫_{u_u}^{u_t} F du,  y = x/(α √(σ² + σ_data²)),
 
 with x̂_0 = (x + s² s_θ)/α, ε̂ = −s s_θ and F = (x̂_0 − c_skip x/α)/c_out EDM's preconditioned
-output (F = 0 for Gaussian data of std σ_data, where the last form is exact). A multistep method
+output (F = 0 for zero-mean Gaussian data of std σ_data, where the last form is exact). A multistep method
 of order k replaces the integrand by the polynomial through its last k values and integrates that
 exactly: in λ the polynomial-exact form of DPM-Solver++(kM), in σ an Adams–Bashforth rule on EDM's
 ODE dx̃/dσ = ε̂ (DEIS's ρAB). Order 1 in λ or σ is DDIM. A corrector re-fits the polynomial

@@ -160,7 +160,7 @@ def test_compare_task_writes_table_csv_and_plot(tmp_path):
     # VP's DDPM chain needs N > β_max = 20: the 8-step ancestral row says so instead of crashing.
     assert "has no valid 8-step chain" in by[("ancestral", "8", "")]["note"]
     assert by[("ancestral", "40", "")]["nfe"] == "40"
-    # The 40-step chain's variational bound lies above the exact NLL of the same points (MATH.md §7).
+    # The 40-step chain's variational bound lies above the exact NLL of the same points (docs/math.md §7).
     exact = json.loads((out / "metrics.json").read_text())["nll_exact_nats"]
     assert exact < float(by[("ancestral", "40", "")]["bound_nats"]) < exact + 1.0
     assert by[("pf_ode_rk4", "2", "")]["nfe"] == "8" and by[("pf_ode_rk4", "10", "")]["nfe"] == "40"

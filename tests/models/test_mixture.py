@@ -1,6 +1,6 @@
 """Tests for ``models.mixture``: the exact Gaussian-mixture density and score under a linear SDE.
 
-MATH.md §8: if p_0 = Σ_k w_k N(μ_k, Σ_k), then p_t = Σ_k w_k N(α μ_k, α² Σ_k + s² I). The
+docs/math.md §8: if p_0 = Σ_k w_k N(μ_k, Σ_k), then p_t = Σ_k w_k N(α μ_k, α² Σ_k + s² I). The
 references here are torch.distributions.MultivariateNormal, autograd and numerical quadrature.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tests for ``models.networks``: time embeddings, the MLP and U-Net score networks, the
-``ScoreModel`` parameterisation wrapper (MATH.md §5) and the ``build_network`` factory.
+``ScoreModel`` parameterisation wrapper (docs/math.md §5) and the ``build_network`` factory.
 
 Parameter counts of the defaults (reported, not asserted): ``MLPScoreNet(2)`` has 677,890
 parameters; ``UNet()`` for 1×8×8 images has 701,345.
@@ -278,7 +278,7 @@ def test_initialisation_is_reproducible(make_net):
 
 
 def test_mlp_learns_ring_score():
-    """300 Adam steps of denoising score matching (‖ε_θ − z‖², MATH.md §5) on the 8-mode ring under VP.
+    """300 Adam steps of denoising score matching (‖ε_θ − z‖², docs/math.md §5) on the 8-mode ring under VP.
 
     The learned score at t = 0.5 must be closer to the exact mixture score than the zero score is
     by a factor 2: relative L2 error < 0.5 over points of p_t (about 0.15 is typical).

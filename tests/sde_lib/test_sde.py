@@ -1,6 +1,6 @@
-"""Tests for ``sde_lib``: VP, sub-VP and VE against the closed forms of MATH.md §1–§3.
+"""Tests for ``sde_lib``: VP, sub-VP and VE against the closed forms of docs/math.md §1–§3.
 
-Every expected value is written out here from MATH.md (or a peer's documented number, such as
+Every expected value is written out here from docs/math.md (or a peer's documented number, such as
 DDPM's ᾱ_1000 ≈ 4.04e-5), never read back from ``sde_lib``, except where the point of a test is
 the consistency between two parts of the library (e.g. the simulated SDE against its marginals).
 """
@@ -16,7 +16,7 @@ from sde_lib import SDE, VESDE, VPSDE, ReverseSDE, batch_broadcast, subVPSDE
 
 F64 = torch.float64
 
-# MATH.md §2 defaults.
+# docs/math.md §2 defaults.
 BETA_MIN, BETA_MAX = 0.1, 20.0
 SIGMA_MIN, SIGMA_MAX = 0.01, 50.0
 
@@ -25,7 +25,7 @@ parametrize_sdes = pytest.mark.parametrize(
 
 
 def _closed_form(sde: SDE, t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """f(t), g(t)², log α(t), s(t)² of MATH.md §2 for the default hyperparameters, in float64."""
+    """f(t), g(t)², log α(t), s(t)² of docs/math.md §2 for the default hyperparameters, in float64."""
     t = t.to(F64)
     if isinstance(sde, VESDE):
         sigma = SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** t
@@ -46,7 +46,7 @@ def _drift_coeff_via_sde(sde: SDE, t: torch.Tensor) -> torch.Tensor:
     return drift[:, 0]
 
 
-# ---- the schedules against MATH.md §2 ---------------------------------------------------------
+# ---- the schedules against docs/math.md §2 ---------------------------------------------------------
 
 @parametrize_sdes
 def test_sde_and_marginal_prob_match_closed_forms(sde):
@@ -96,7 +96,7 @@ def test_marginal_prob_matches_euler_maruyama_simulation(sde):
     """Simulate dx = f dt + g dw from 0 to t and compare the sample moments to marginal_prob.
 
     The paths start from the t = 0 marginal N(α(0) x0, s(0)² I): x0 itself for VP and sub-VP,
-    x0 + σ_min z for VE, whose data carry σ_min noise at t = 0 (MATH.md §2). The std s(t) is the
+    x0 + σ_min z for VE, whose data carry σ_min noise at t = 0 (docs/math.md §2). The std s(t) is the
     same for every x0 and coordinate, so its estimate pools all 6 · 20000 coordinates
     (standard error s/490: an error of about 1 % in s is detected). Tolerance:
     5 Monte-Carlo standard errors plus the scheme's O(dt) bias, estimated by Richardson
@@ -162,7 +162,7 @@ def test_variance_and_mean_odes_hold(sde):
     assert_close(dlog_alpha_dt, f, rtol=1e-7, atol=1e-12)
 
 
-# ---- discretisations (MATH.md §3) --------------------------------------------------------------
+# ---- discretisations (docs/math.md §3) --------------------------------------------------------------
 
 _GRID = torch.arange(1000, dtype=F64) / 999                          # t_i = i/(N − 1)
 
@@ -186,7 +186,7 @@ def test_vp_discretize_is_ddpm(t_dtype):
 
 
 def test_ddpm_alpha_bar_and_vp_alpha_at_one():
-    """ᾱ_1000 ≈ 4.04e-5 (MATH.md §3) for the discrete chain, α(1)² = e^(−10.05) ≈ 4.32e-5 for VP."""
+    """ᾱ_1000 ≈ 4.04e-5 (docs/math.md §3) for the discrete chain, α(1)² = e^(−10.05) ≈ 4.32e-5 for VP."""
     sde = VPSDE()
     alpha_bar = torch.prod(1 - sde.discrete_betas()).item()
     assert alpha_bar == pytest.approx(4.04e-5, rel=1e-2)
@@ -265,7 +265,7 @@ _EDGE_T = (-1e-3, 0.0, 1 + 1e-3)
 @parametrize_sdes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_schedules_finite_slightly_outside_interval(sde, dtype):
-    """Adaptive ODE solvers probe just outside [0, T] (MATH.md §4): drift, diffusion and marginals stay finite."""
+    """Adaptive ODE solvers probe just outside [0, T] (docs/math.md §4): drift, diffusion and marginals stay finite."""
     t = torch.tensor(_EDGE_T, dtype=dtype)
     x = torch.ones(len(t), 2, dtype=dtype)
     drift, g = sde.sde(x, t)
@@ -368,7 +368,7 @@ def test_prior_logp_is_gaussian_log_density(sde, shape):
 @parametrize_sdes
 @pytest.mark.parametrize("probability_flow", [False, True], ids=["sde", "ode"])
 def test_reverse_drift_and_diffusion(sde, probability_flow):
-    """Reverse SDE: drift f − g² s, diffusion g; PF-ODE: f − ½ g² s, zero diffusion (MATH.md §1)."""
+    """Reverse SDE: drift f − g² s, diffusion g; PF-ODE: f − ½ g² s, zero diffusion (docs/math.md §1)."""
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(7, 2, dtype=F64, generator=gen)
     t = torch.rand(7, dtype=F64, generator=gen)

@@ -1,4 +1,4 @@
-"""The discrete chain's variational bound (MATH.md §7) against closed forms, and the chain's time map."""
+"""The discrete chain's variational bound (docs/math.md §7) against closed forms, and the chain's time map."""
 import math
 
 import pytest

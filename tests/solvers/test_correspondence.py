@@ -1,4 +1,4 @@
-"""Discrete and continuous side by side (MATH.md §3, §4): DDIM is the PF-ODE's first-order exponential
+"""Discrete and continuous side by side (docs/math.md §3, §4): DDIM is the PF-ODE's first-order exponential
 integrator, and DDPM's ancestral sampler and the reverse SDE's Euler–Maruyama converge to each other."""
 import math
 

@@ -1,4 +1,4 @@
-"""The fast PF-ODE solvers (solvers/exponential.py) against the exact flow of the ring (MATH.md §8).
+"""The fast PF-ODE solvers (solvers/exponential.py) against the exact flow of the ring (docs/math.md §8).
 
 Every multistep variant must converge at its order: k without the corrector, k + 1 with it
 (the corrector re-fits through one more point), and Heun at order 2; the time grids must be

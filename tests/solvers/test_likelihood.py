@@ -1,4 +1,4 @@
-"""The ODE likelihood returns the exact log-density of mixture points (MATH.md §6, §8).
+"""The ODE likelihood returns the exact log-density of mixture points (docs/math.md §6, §8).
 
 ``log_likelihood`` uses the prior N(0, prior_std² I) in place of the true p_T, which differs from
 it slightly (VP: α(1) ≈ 6.6e-3 ≠ 0). The integrator is responsible for everything else, so the

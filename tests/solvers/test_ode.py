@@ -1,4 +1,4 @@
-"""The PF-ODE sampler converges to the exact flow at each method's order (MATH.md §1, §8).
+"""The PF-ODE sampler converges to the exact flow at each method's order (docs/math.md §1, §8).
 
 The reference is the same ODE solved in float64 at rtol = atol = 1e-11 from the same noise; its
 own accuracy is checked against a second tight solve.

@@ -1,4 +1,4 @@
-"""Every sampler, with the exact score, reproduces the Gaussian mixture it was given (MATH.md §8).
+"""Every sampler, with the exact score, reproduces the Gaussian mixture it was given (docs/math.md §8).
 
 For each SDE × solver, samples are assigned to their nearest mode; the mode frequencies must match
 the weights within 5 binomial standard errors, and the within-mode spread must match that of exact

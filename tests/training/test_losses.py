@@ -1,4 +1,4 @@
-"""The score-matching losses against closed forms (MATH.md §5 and §8).
+"""The score-matching losses against closed forms (docs/math.md §5 and §8).
 
 The exact Gaussian-mixture score is the minimiser of the DSM loss, and for it the loss and the
 cost of any perturbation are known in closed form: with x_t = α x0 + s z, E[z | x_t] = −s s*(x_t),
