@@ -9,4 +9,16 @@ Public API::
 from core_lib.errors import UserError
 from core_lib.options import build_options, describe_type, option_fields, value_matches
 
-__all__ = ["UserError", "build_options", "option_fields", "describe_type", "value_matches"]
+__all__ = ["UserError", "build_options", "option_fields", "describe_type", "value_matches", "import_submodules"]
+
+
+def import_submodules(package: str) -> None:
+    """Import every module of ``package``, so that classes and loaders registering themselves at import are registered.
+
+    A new solver or data set is then one module (plus its YAML): nothing else needs to import it.
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{info.name}")

@@ -9,8 +9,13 @@ Public API::
 
 Nothing is downloaded: data are generated, or read from scikit-learn's bundled files or the user's.
 """
-from data_lib.dataset import DataError, Dataset
-from data_lib.load import AVAILABLE, DATASETS, load_dataset
+from core_lib import import_submodules
+from data_lib import toy, stored  # noqa: F401  (register their data sets, in this order)
+from data_lib.dataset import DATASETS, DataError, Dataset, register_dataset
+from data_lib.load import load_dataset
 from data_lib.quantization import dequantize
 
-__all__ = ["load_dataset", "AVAILABLE", "DATASETS", "Dataset", "DataError", "dequantize"]
+import_submodules("data_lib")   # any other module of this package registers its data sets too
+AVAILABLE: tuple[str, ...] = tuple(DATASETS)
+
+__all__ = ["load_dataset", "AVAILABLE", "DATASETS", "register_dataset", "Dataset", "DataError", "dequantize"]

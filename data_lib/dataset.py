@@ -15,7 +15,7 @@ from models import GaussianMixture
 
 Tensor = torch.Tensor
 
-__all__ = ["Dataset", "DataError"]
+__all__ = ["Dataset", "DataError", "DATASETS", "register_dataset"]
 
 
 class DataError(UserError):
@@ -125,3 +125,19 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+#: The data-set registry: name -> (options dataclass with the defaults, loader(options, n_train, n_test, seed)).
+DATASETS: dict[str, tuple[type, typing.Callable[..., Dataset]]] = {}
+
+
+def register_dataset(name: str, options_cls: type):
+    """Decorator registering ``loader(options, n_train, n_test, seed) -> Dataset`` as data set ``name``.
+
+    A new data set is one module of ``data_lib`` holding its options dataclass and its decorated
+    loader, plus ``conf/data/<name>.yaml``.
+    """
+    def decorate(loader):
+        DATASETS[name] = (options_cls, loader)
+        return loader
+    return decorate

@@ -1,27 +1,10 @@
-"""The registry of data sets and :func:`load_dataset`, the one way to get a :class:`Dataset`."""
+"""`load_dataset`, the one way to get a :class:`Dataset` from the registry ``DATASETS``."""
 from __future__ import annotations
 
-from typing import Callable
-
-from data_lib import stored, toy
 from core_lib import build_options
-from data_lib.dataset import DataError, Dataset, _is_int
+from data_lib.dataset import DATASETS, DataError, Dataset, _is_int
 
-__all__ = ["load_dataset", "AVAILABLE", "DATASETS"]
-
-#: The data-set registry: name -> (options dataclass with the defaults, loader(options, n_train, n_test, seed)).
-#: A new data set is one loader and its options dataclass, registered here, plus ``conf/data/<name>.yaml``.
-DATASETS: dict[str, tuple[type, Callable[..., Dataset]]] = {
-    "ring": (toy._RingOptions, toy._load_ring),
-    "mix16d": (toy._Mix16dOptions, toy._load_mix16d),
-    "swiss_roll": (toy._SwissRollOptions, toy._load_swiss_roll),
-    "moons": (toy._MoonsOptions, toy._load_moons),
-    "checkerboard": (toy._CheckerboardOptions, toy._load_checkerboard),
-    "digits": (stored._DigitsOptions, stored._load_digits),
-    "array": (stored._ArrayOptions, stored._load_array),
-}
-
-AVAILABLE: tuple[str, ...] = tuple(DATASETS)
+__all__ = ["load_dataset"]
 
 
 def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: int = 0,
@@ -51,7 +34,7 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
     permutation, round(test_fraction·N) rows to test.
 
     Args:
-        name: one of :data:`AVAILABLE`.
+        name: one of ``data_lib.AVAILABLE`` (the keys of ``DATASETS``).
         n_train, n_test: positive sample counts for the generated sets.
         seed: non-negative int.
         **options: the data set's options above.
@@ -63,7 +46,7 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
         DataError: unknown name or option, bad counts or seed, bad file or array.
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(AVAILABLE)}.")
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}.")
     for arg, value in (("n_train", n_train), ("n_test", n_test)):
         if not _is_int(value) or value < 1:
             raise DataError(f"{arg} must be a positive integer, got {value!r}.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_lib.dataset import (DataError, Dataset, check_data_range, check_fraction, check_levels,
+from data_lib.dataset import (DataError, Dataset, register_dataset, check_data_range, check_fraction, check_levels,
                               seeded_generator)
 
 Tensor = torch.Tensor
@@ -60,6 +60,7 @@ def _split(x: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return x[perm[n_test:]].contiguous(), x[perm[:n_test]].contiguous()
 
 
+@register_dataset("digits", _DigitsOptions)
 def _load_digits(opts: _DigitsOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     """The 1797 8×8 digit images as (N, 1, 8, 8), grey level v ∈ {0..16} mapped to lo + v/16·(hi − lo)."""
     # Imported here: scikit-learn takes a second to import and only this loader needs it.
@@ -72,6 +73,7 @@ def _load_digits(opts: _DigitsOptions, n_train: int, n_test: int, seed: int) -> 
     return Dataset("digits", train, test, levels=_DIGIT_LEVELS, data_range=(lo, hi))
 
 
+@register_dataset("array", _ArrayOptions)
 def _load_array(opts: _ArrayOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     """The array in ``opts.path``, checked, as float32, split by a seeded permutation."""
     path = Path(opts.path)

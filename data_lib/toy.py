@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from data_lib.dataset import Dataset, check_nonnegative, check_positive, seeded_generator
+from data_lib.dataset import register_dataset, Dataset, check_nonnegative, check_positive, seeded_generator
 from models import GaussianMixture, random_mixture, ring_mixture
 
 Tensor = torch.Tensor
@@ -34,6 +34,7 @@ def _mixture_dataset(name: str, mixture: GaussianMixture, n_train: int, n_test: 
     return Dataset(name, train, test, mixture=mixture)
 
 
+@register_dataset("ring", _RingOptions)
 def _load_ring(opts: _RingOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     """Exact draws of ``models.ring_mixture``; ``Dataset.mixture`` is that mixture."""
     return _mixture_dataset("ring", ring_mixture(opts.n_modes, opts.radius, opts.std), n_train, n_test, seed)
@@ -51,6 +52,7 @@ class _Mix16dOptions:
         check_nonnegative("mixture_seed", self.mixture_seed)
 
 
+@register_dataset("mix16d", _Mix16dOptions)
 def _load_mix16d(opts: _Mix16dOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     """Exact draws of ``models.random_mixture``; ``Dataset.mixture`` is that mixture."""
     return _mixture_dataset("mix16d", random_mixture(opts.dim, opts.n_modes, seed=opts.mixture_seed),
@@ -117,16 +119,19 @@ def _checkerboard(n: int, g: torch.Generator) -> Tensor:
     return (corner + 2 * torch.rand(n, 2, generator=g, dtype=torch.float64)).float()
 
 
+@register_dataset("swiss_roll", _SwissRollOptions)
 def _load_swiss_roll(opts: _SwissRollOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     return Dataset("swiss_roll", _swiss_roll(n_train, opts.noise, seeded_generator(seed, 0)),
                    _swiss_roll(n_test, opts.noise, seeded_generator(seed, 1)))
 
 
+@register_dataset("moons", _MoonsOptions)
 def _load_moons(opts: _MoonsOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     return Dataset("moons", _moons(n_train, opts.noise, seeded_generator(seed, 0)),
                    _moons(n_test, opts.noise, seeded_generator(seed, 1)))
 
 
+@register_dataset("checkerboard", _CheckerboardOptions)
 def _load_checkerboard(opts: _CheckerboardOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     return Dataset("checkerboard", _checkerboard(n_train, seeded_generator(seed, 0)),
                    _checkerboard(n_test, seeded_generator(seed, 1)))

@@ -9,15 +9,18 @@ Public API::
     solvers.available(), solvers.get_solver(name)
     solvers.time_grid(sde, eps, steps, kind)                             # the grids any fixed-step solver takes
 
-A model is any ``score_fn(x, t, **cond)``; a solver is one module-level class registered with
-``@solvers.register`` plus its ``conf/solver/<name>.yaml``.
+A model is any ``score_fn(x, t, **cond)``; a solver is one module of this package with a class
+registered by ``@solvers.register``, plus its ``conf/solver/<name>.yaml``.
 """
-from solvers import exponential, ode, pc  # noqa: F401  (registers the solvers)
+from core_lib import import_submodules
+from solvers import exponential, ode, pc  # noqa: F401  (registers the solvers, in this order)
 from solvers.base import (DEFAULT_SIGMA_DATA, NonFiniteError, SampleResult, ScoreFn, Solver, SolverError, available,
                           get_solver, register, resolve_eps, sample)
 from solvers.bound import BoundResult, variational_bound
 from solvers.grids import GRIDS, time_grid
 from solvers.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+
+import_submodules("solvers")   # any other module of this package registers its solvers too
 
 __all__ = ["sample", "log_likelihood", "variational_bound", "available", "get_solver", "register", "Solver",
            "SampleResult", "LikelihoodResult", "BoundResult", "bits_per_dim", "time_grid", "GRIDS", "resolve_eps",

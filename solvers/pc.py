@@ -84,7 +84,8 @@ def ancestral_predictor(sde: SDE, score: CountedScore, x: Tensor, step: Step, no
     return x_mean + batch_broadcast(var.sqrt(), x) * z, x_mean
 
 
-def no_predictor(sde, score, x, step, noise, opts):
+def unchanged(sde, score, x, step, noise, opts):
+    """The "none" predictor and corrector: x as it is."""
     return x, x
 
 
@@ -92,7 +93,7 @@ PREDICTORS: dict[str, Callable] = {
     "euler_maruyama": euler_maruyama_predictor,
     "reverse_diffusion": reverse_diffusion_predictor,
     "ancestral": ancestral_predictor,
-    "none": no_predictor,
+    "none": unchanged,
 }
 
 
@@ -138,14 +139,10 @@ def annealed_langevin_corrector(sde: SDE, score: CountedScore, x: Tensor, step: 
     return _langevin_steps(score, x, step.t, noise, opts, lambda grad, z: eps)
 
 
-def no_corrector(sde, score, x, step, noise, opts):
-    return x, x
-
-
 CORRECTORS: dict[str, Callable] = {
     "langevin": langevin_corrector,
     "ald": annealed_langevin_corrector,
-    "none": no_corrector,
+    "none": unchanged,
 }
 
 
@@ -193,11 +190,11 @@ class _ReverseTime(Solver):
 
     def nfe_per_step(self) -> int | None:
         predictor, corrector = self._parts()
-        return int(predictor is not no_predictor) + getattr(self.options, "n_steps", 1) * int(corrector is not no_corrector)
+        return int(predictor is not unchanged) + getattr(self.options, "n_steps", 1) * int(corrector is not unchanged)
 
     def walks_chain(self) -> bool:
         predictor, corrector = self._parts()
-        return not (predictor is euler_maruyama_predictor and corrector is no_corrector)
+        return not (predictor is euler_maruyama_predictor and corrector is unchanged)
 
     def end_time(self, eps: float) -> float:
         return 0.0 if self.walks_chain() else eps
@@ -225,7 +222,7 @@ class _ReverseTime(Solver):
         x_mean = x
         for step in walk:
             x, x_mean = corrector(chain_sde, score, x, step, noise, opts)
-            if predictor is not no_predictor:
+            if predictor is not unchanged:
                 x, x_mean = predictor(chain_sde, score, x, step, noise, opts)
         return x_mean if opts.denoise else x
 
