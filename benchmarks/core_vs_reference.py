@@ -52,7 +52,7 @@ from scipy.integrate import solve_ivp
 
 import solvers
 from models import GaussianMixture, MixtureScore, ring_mixture
-from sde_lib import SDE, VESDE, VPSDE, subVPSDE
+from sde_lib import SDE, SDES, VPSDE
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -278,7 +278,7 @@ def mode_fraction(samples: Tensor, mixture: GaussianMixture) -> float:
 def pc_matrix(mixture: GaussianMixture) -> str:
     """Section 3: every predictor × corrector pair on VP, sub-VP and VE: does it run, and how good is it."""
     rows, crashes = [], 0
-    for sde in (VPSDE(), subVPSDE(), VESDE()):
+    for sde in (cls() for cls in SDES.values()):
         score = MixtureScore(sde, mixture)
         for predictor in ("euler_maruyama", "reverse_diffusion", "ancestral"):
             for corrector in ("none", "langevin"):

@@ -39,13 +39,14 @@ from benchmarks.core_vs_reference import reference_log_likelihood, reference_ode
 from models import MixtureScore, MLPScoreNet, ScoreModel, random_mixture, ring_mixture  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
-from sde_lib import VESDE, VPSDE, subVPSDE  # noqa: E402
+from sde_lib import SDES as SDE_REGISTRY, VPSDE  # noqa: E402
 
 F64 = torch.float64
 EPS = 1e-3
 N_SAMPLES = 2000
 BUDGETS = (10, 20, 50, 100)
-SDES = {"VP": VPSDE, "sub-VP": subVPSDE, "VE": VESDE}
+#: display label -> SDE class, for every registered SDE
+SDES = {{"vp": "VP", "subvp": "sub-VP", "ve": "VE"}.get(name, name): cls for name, cls in SDE_REGISTRY.items()}
 PROBLEMS = {"ring": ring_mixture, "16-D": random_mixture}
 # (label, solver, options, NFE per step): fixed-budget rows, run at every budget.
 FIXED = [
@@ -227,7 +228,7 @@ def pretrained_orders() -> str:
     budgets = (10, 12, 15, 20, 50)
     lines = ["| network | order | " + " | ".join(f"{b} NFE" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
-    for name in ("vp", "subvp", "ve"):
+    for name in SDE_REGISTRY:
         model = load_checkpoint(pretrained_path("ring", name))
         sde, score = model.sde, model.score_fn.double()
         z = sde.prior_std * torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)

@@ -25,6 +25,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 PRETRAINED_DIR = ROOT / "models" / "pretrained"
+from sde_lib import SDES  # noqa: E402
 from models.checkpoint import export_checkpoint  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     if export and args:
         raise SystemExit("--export refreshes the shipped models, which are trained with the default settings: "
                          "give it no overrides.")
-    chosen = [a.split("=", 1)[1] for a in args if a.startswith("sde=")] or ["vp", "subvp", "ve"]
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("sde=")] or list(SDES)
     extra = [a for a in args if not a.startswith("sde=")]
     rows = []
     for sde in chosen:

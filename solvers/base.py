@@ -185,9 +185,6 @@ class Solver:
         """The time the returned samples belong to: eps, or 0 for samplers that walk the chain to its data."""
         return eps
 
-    def default_steps(self, sde: SDE) -> int | None:
-        return sde.N
-
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         raise NotImplementedError

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from core_lib import UserError
+
 Tensor = torch.Tensor
 
 __all__ = ["NoiseSource"]
@@ -47,7 +49,7 @@ class NoiseSource:
 
     def __init__(self, seed: int, index_offset: int = 0):
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise TypeError(f"seed must be a non-negative integer, got {seed!r}.")
+            raise UserError(f"seed must be a non-negative integer, got {seed!r}; set seed=0 (or any integer >= 0).")
         self.seed = seed
         self.index_offset = int(index_offset)
         self.draws = 0

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from core_lib import UserError
 from evaluation import load_data
 from models import build_score_model
 from tasks_lib.compare import compare_task
-from tasks_lib.model_source import ResolvedModel, overridden_keys, resolve_model
+from tasks_lib.model_source import ResolvedModel, build_sde, overridden_keys, resolve_model
 from tasks_lib.report import summary
 from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
@@ -38,7 +37,7 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
     torch.manual_seed(cfg.seed)   # the network's initialisation (and dropout) draw from the global RNG
     data = load_data(cfg.data, cfg.seed)
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
-    model = build_score_model(instantiate(cfg.sde), cfg.model.kind, data.event_shape,
+    model = build_score_model(build_sde(cfg.sde), cfg.model.kind, data.event_shape,
                               parameterization=cfg.model.parameterization, time_input=cfg.model.time_input,
                               sigma_data=round(float(data.train.std()), 6), **net)
     return train(config, model, data, run_dir, likelihood=likelihood, seed=cfg.seed, device=cfg.device,

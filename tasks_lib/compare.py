@@ -144,10 +144,18 @@ def _markdown(rows, columns, cfg, model, floor: float, reference_nfe: int, exact
             f"integrator and budget, bound_nats: the variational bound of the row's N-step chain (DDPM's L, one draw per "
             f"step; {cfg.likelihood.n_eval} points"
             + (f"; their exact NLL: {exact_nll:.4f}" if exact_nll is not None else "") + ").\n\n")
+    legend = "".join(f"- `{name}`: {_label(name)}\n" for name in dict.fromkeys(r["sampler"] for r in rows))
     shown = [c for c in columns if any(r.get(c, "") != "" for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |" for r in rows]
-    return head + "\n".join(lines) + "\n"
+    return head + legend + "\n" + "\n".join(lines) + "\n"
+
+
+def _label(name: str) -> str:
+    """What a compare entry is, from its solver's own label (and the preset's options)."""
+    solver, options = _entry(name)
+    label = solvers.get_solver(solver).label or solver
+    return label + "".join(f", {k}={v}" for k, v in options.items())
 
 
 def _plot(path: Path, rows, floor: float, title: str) -> None:

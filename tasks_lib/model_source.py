@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +25,7 @@ from models import MixtureScore, load_checkpoint
 from sde_lib import SDE, sde_name
 from tasks_lib.schema import model_schema
 
-__all__ = ["ResolvedModel", "resolve_model", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
+__all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
 
@@ -59,6 +60,17 @@ def overridden_keys(overrides: Iterable[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
 
 
+def build_sde(sde_cfg: DictConfig) -> SDE:
+    """The SDE a ``sde`` config section describes; bad hyperparameters are the SDE's own one-line error."""
+    try:
+        return instantiate(sde_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+
+
 def _touches(keys: set[str], group: str) -> bool:
     return any(k == group or k.startswith(group + ".") for k in keys)
 
@@ -76,7 +88,7 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
             command-line setting that contradicts the checkpoint.
         models.CheckpointError: a missing, corrupt or mismatched checkpoint.
     """
-    asked = instantiate(cfg.sde)
+    asked = build_sde(cfg.sde)
     choice = sde_name(asked)
     if cfg.ckpt == "exact":
         data = load_data(cfg.data, cfg.seed)

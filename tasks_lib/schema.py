@@ -132,7 +132,7 @@ def _dataclass_fields(cls) -> list[tuple[str, Any, Any]]:
 
 def sde_schema(choice: str) -> type:
     cls = sde_lib.SDES[choice]
-    return _schema(f"{cls.__name__}Config", [("_target_", str, f"sde_lib.{cls.__name__}"),
+    return _schema(f"{cls.__name__}Config", [("_target_", str, f"{cls.__module__}.{cls.__qualname__}"),
                                              *_signature_fields(cls.__init__, ())])
 
 

@@ -41,7 +41,7 @@ def _options(name: str, array_file) -> dict:
 
 
 def test_available_matches_the_registry():
-    assert AVAILABLE == ("ring", "mix16d", "swiss_roll", "moons", "checkerboard", "digits", "array")
+    assert {"ring", "mix16d", "swiss_roll", "moons", "checkerboard", "digits", "array"} <= set(AVAILABLE)
     # Every registered data set has its config file, and every config file names a registered data set.
     conf = pathlib.Path(__file__).resolve().parents[2] / "conf" / "data"
     assert {p.stem for p in conf.glob("*.yaml")} == set(AVAILABLE)
