@@ -100,13 +100,13 @@ class GridOptions:
 
 
 def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, default_steps: int,
-                sigma_data: float, grid: str | None = None) -> Tensor:
+                sigma_data: float) -> Tensor:
     """The grid of one solve (float64, T first, eps last) from a solver's grid options.
 
     ``steps`` None takes ``default_steps``; with ``grid="user"`` the number of steps is len(times) − 1,
-    and a different ``steps`` is refused. ``grid`` overrides ``options.grid`` (a solver's own default).
+    and a different ``steps`` is refused. ``sigma_data`` places the ``focus`` grid.
     """
-    kind = grid or options.grid
+    kind = options.grid
     if kind == "user":
         if not options.times:
             raise SolverError("grid='user' needs times=[T, ..., eps].")
