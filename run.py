@@ -8,6 +8,7 @@ budgets side by side, ``task=train`` trains a score model. The model is the ship
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -15,20 +16,33 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from core_lib import UserError
-from tasks_lib import TASKS, overridden_keys, register_configs, summary
+from core_lib import RunInterrupted, UserError
+from tasks_lib import overridden_keys, register_configs, run_task, summary
 
 register_configs()
+
+
+#: Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted by SIGINT or SIGTERM.
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
+    signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops a run as Ctrl-C does
     try:
-        metrics = TASKS[cfg.task.name](cfg, out, overridden_keys(HydraConfig.get().overrides.task))
+        metrics = run_task(cfg, out, overridden_keys(HydraConfig.get().overrides.task))
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_INTERRUPTED if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; no result was completed, and every file in {out} is whole (outputs are written "
+              "atomically).", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(summary(metrics))
     print(f"outputs: {out}")
 

@@ -5,11 +5,13 @@ Public API::
     core_lib.UserError                          # base of every error that is the user's to fix
     core_lib.build_options(cls, given, owner)   # a typed options dataclass from a dict, checked
     core_lib.option_fields(cls)                 # (name, type, default) of an options dataclass
+    core_lib.atomic_write(path, write)          # temporary file, fsync, rename
 """
-from core_lib.errors import UserError
-from core_lib.options import build_options, describe_type, option_fields, value_matches
+from core_lib.errors import RunInterrupted, UserError
+from core_lib.files import OutputError, atomic_write
+from core_lib.options import build_options, describe_type, finite_positive, option_fields, require, value_matches
 
-__all__ = ["UserError", "build_options", "option_fields", "describe_type", "value_matches", "import_submodules"]
+__all__ = ["UserError", "RunInterrupted", "OutputError", "atomic_write", "build_options", "option_fields", "describe_type", "value_matches", "import_submodules", "require", "finite_positive"]
 
 
 def import_submodules(package: str) -> None:

@@ -8,7 +8,7 @@ keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "RunInterrupted"]
 
 
 class UserError(ValueError):
@@ -16,3 +16,7 @@ class UserError(ValueError):
 
     A ValueError, so that code catching ValueError around the library keeps working.
     """
+
+
+class RunInterrupted(UserError):
+    """The run was stopped by SIGINT or SIGTERM; the message says what was kept (``run.py`` exits with 130)."""

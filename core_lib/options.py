@@ -9,6 +9,7 @@ lists where tuples are, and the dataclass's own ``validate()`` checks ranges.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any
 
 from core_lib.errors import UserError
 
-__all__ = ["build_options", "option_fields", "describe_type", "value_matches"]
+__all__ = ["build_options", "option_fields", "describe_type", "value_matches", "require", "finite_positive"]
 
 
 def _members(hint: Any) -> tuple:
@@ -123,3 +124,14 @@ def option_fields(options_cls: type) -> list[tuple[str, Any, Any]]:
     return [(f.name, hints[f.name],
              f.default if f.default is not dataclasses.MISSING else f.default_factory())
             for f in dataclasses.fields(options_cls)]
+
+
+def require(ok: bool, key: str, value: Any, what: str, error: type[UserError] = UserError) -> None:
+    """Raise ``error("<key>: <what>, got <value>.")`` unless ``ok``: the one shape of a range check's message."""
+    if not ok:
+        raise error(f"{key}: {what}, got {value!r}.")
+
+
+def finite_positive(value: Any) -> bool:
+    """Whether value is a real number, finite and > 0 (NaN and inf are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -14,7 +14,8 @@ import torch
 
 import solvers
 from data_lib import Dataset, dequantize
-from solvers.base import SolverError
+from core_lib import finite_positive, require
+from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS
 
 Tensor = torch.Tensor
 
@@ -37,6 +38,24 @@ class LikelihoodConfig:
     probes: int = 1             # Hutchinson probes per point
     method: str = "dopri5"      # torchdiffeq method: adaptive (dopri5, ...) or fixed-grid (rk4, midpoint, euler) with steps
     steps: Optional[int] = None  # fixed-grid steps: the NFE is known in advance (rk4: 4 per step)
+
+    def validate(self) -> None:
+        """Refuse settings that cannot give a likelihood, before any work (messages name the ``likelihood.`` key)."""
+        require(self.n_eval >= 1, "likelihood.n_eval", self.n_eval, "must be a positive number of test points")
+        require(finite_positive(self.eps) and self.eps < 1, "likelihood.eps", self.eps, "must be in (0, T = 1)")
+        for key in ("rtol", "atol"):
+            require(finite_positive(getattr(self, key)), f"likelihood.{key}", getattr(self, key),
+                    "must be a finite positive number")
+        require(self.divergence in ("auto", "exact", "hutchinson"), "likelihood.divergence", self.divergence,
+                "must be auto, exact or hutchinson")
+        require(self.probes >= 1, "likelihood.probes", self.probes, "must be a positive integer")
+        methods = [*ADAPTIVE_METHODS, *FIXED_METHODS]
+        require(self.method in methods, "likelihood.method", self.method, f"must be one of {', '.join(methods)}")
+        require(self.steps is None or self.steps >= 1, "likelihood.steps", self.steps, "must be a positive integer")
+        require(self.method in ADAPTIVE_METHODS or self.steps is not None, "likelihood.steps", self.steps,
+                f"must be given for the fixed-grid method {self.method} (its NFE is then known in advance)")
+        require(self.method in FIXED_METHODS or self.steps is None, "likelihood.steps", self.steps,
+                f"must be null for the adaptive method {self.method} (rtol/atol set its steps)")
 
     def solver_options(self) -> dict[str, Any]:
         """The ``solvers.log_likelihood`` options these settings stand for (``divergence`` still possibly "auto")."""
@@ -104,9 +123,7 @@ class HeldOutLikelihood:
 def held_out_likelihood(sde, score_fn, data: Dataset, config: LikelihoodConfig, seed: int, device: torch.device | str,
                     dtype: torch.dtype = torch.float32, progress: bool = False) -> HeldOutLikelihood:
     """The ODE likelihood of ``config.n_eval`` held-out points of ``data``, with KL against the exact density when known."""
-    if config.n_eval < 1:
-        raise SolverError(f"likelihood.n_eval must be a positive number of test points, got {config.n_eval}; "
-                          "set likelihood.n_eval=1000 (or task.likelihood=false to skip the likelihood).")
+    config.validate()
     x = data.test[:config.n_eval].to(device=device, dtype=dtype)
     options = config.solver_options()
     lik, points = data_log_likelihood(sde, score_fn, data, x, seed, divergence=options.pop("divergence"),

@@ -2,8 +2,9 @@
 
 Every task (sample, likelihood, compare, train) writes through :class:`RunOutput`, so the rules
 hold for all of them: a run refuses a directory that already holds a finished run's
-``metrics.json``; nothing is written until the run has something to write; checkpoints are
-written atomically (``models.save_checkpoint``). Side effects that only one process may have in
+``metrics.json``; nothing is written until the run has something to write; every result file
+and checkpoint is written atomically (``core_lib.atomic_write``: temporary file, fsync, rename),
+so a full disk or an interrupt leaves no partial file. Side effects that only one process may have in
 a multi-process run go through this class alone.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from core_lib import UserError
+from core_lib import OutputError, UserError, atomic_write
 from models.checkpoint import save_checkpoint
 
 __all__ = ["RunOutput", "RunDirError"]
@@ -40,19 +41,26 @@ class RunOutput:
 
     def path(self, name: str) -> Path:
         """Where file ``name`` of the run goes (the directory is created on first use)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the run directory {self.run_dir} ({err.strerror}); choose a writable "
+                              "one (hydra.run.dir=...).") from None
         return self.run_dir / name
 
     def write_text(self, name: str, text: str) -> None:
-        self.path(name).write_text(text)
+        atomic_write(self.path(name), lambda tmp: Path(tmp).write_text(text))
 
     def write_npz(self, name: str, **arrays) -> None:
         """Arrays (numpy) as one .npz file ``name``."""
-        np.savez(self.path(name), **arrays)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        atomic_write(self.path(name), write)
 
     def write_figure(self, name: str, plot: Callable[..., None], *args, **kwargs) -> None:
         """``plot(path, *args, **kwargs)`` into file ``name`` (see ``evaluation.plots``)."""
-        plot(self.path(name), *args, **kwargs)
+        atomic_write(self.path(name), lambda tmp: plot(Path(tmp), *args, **kwargs))
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         """metrics.json: the run's flat result keys; written last, it marks the run finished."""
@@ -73,10 +81,12 @@ class RunOutput:
 
     def write_csv(self, name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
         """A whole table as ``name`` (missing cells left empty)."""
-        with open(self.path(name), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.path(name), write)
 
     def checkpoint(self, state: dict[str, Any], step: int, keep: bool) -> None:
         """checkpoints/last.pt, and with ``keep`` also checkpoints/step_XXXXXXX.pt (both atomic)."""

@@ -8,23 +8,25 @@ numbers, strings, lists and dicts only; nothing is unpickled that could run code
   hyperparameters, the network kind, event shape and arguments, the parameterisation, σ_data;
 - ``model``, ``ema``: state dicts of the training and the averaged weights;
 - ``optimizer``, ``step``, ``rng``: what resuming needs;
-- ``config``: the resolved run config, for the record.
+- ``config``: the resolved run config, for the record;
+- ``checksums``: a SHA-256 per tensor, verified on every read: a flipped byte is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import sde_lib
+from core_lib import atomic_write
 from models.errors import ModelError
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "export_checkpoint", "build_from_spec",
-           "model_spec", "load_checkpoint", "LoadedModel", "TRAINING_KEYS"]
+           "model_spec", "load_checkpoint", "LoadedModel", "TRAINING_KEYS", "checksums"]
 
 FORMAT = "scoreflow-checkpoint-v1"
 _REQUIRED = ("format", "model_spec", "ema", "step", "config")  # enough to sample; resuming needs TRAINING_KEYS too
@@ -35,32 +37,40 @@ class CheckpointError(ModelError):
     """A checkpoint that is missing, unreadable, of another format or that does not fit its model."""
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _tensors(tree: Any, prefix: str = ""):
+    """(dotted key, tensor) for every tensor in a nested dict/list, in a fixed order."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from _tensors(tree[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, item in enumerate(tree):
+            yield from _tensors(item, f"{prefix}.{i}")
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()
+
+
+def checksums(state: dict[str, Any]) -> dict[str, str]:
+    """A SHA-256 per tensor of a checkpoint's state (everything but the checksums themselves)."""
+    return {key: _digest(t) for key, t in _tensors({k: v for k, v in state.items() if k != "checksums"})}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename), with a checksum per tensor.
 
-    A crash at any moment leaves either the previous file or the new one, never a torn one.
+    A crash at any moment leaves either the previous file or the new one, never a torn one; a full
+    disk leaves the previous one and raises ``core_lib.OutputError``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the mode open() would (0666 minus the umask).
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {"format": FORMAT, **{k: v for k, v in state.items() if k != "checksums"}}
+    state["checksums"] = checksums(state)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -81,6 +91,17 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete: use another checkpoint.")
+    stored = state.get("checksums")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path} carries no checksums, so its contents cannot be verified; use a checkpoint "
+                              "written by this version (re-save an old one with models.checkpoint.save_checkpoint "
+                              "after checking it).")
+    actual = checksums(state)
+    bad = sorted(k for k in set(stored) | set(actual) if stored.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{path} is corrupt: the contents of {', '.join(bad[:3])}"
+                              f"{' and others' if len(bad) > 3 else ''} do not match their checksums; use the "
+                              "previous checkpoint of the run (checkpoints/step_*.pt) or retrain.")
     return state
 
 
@@ -91,7 +112,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     :func:`load_checkpoint` like any checkpoint, and cannot be resumed from.
     """
     state = read_checkpoint(src)
-    save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format")})
+    save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format", "checksums")})
 
 
 def model_spec(model, data_info: dict[str, Any]) -> dict[str, Any]:

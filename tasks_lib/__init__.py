@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from core_lib import UserError
 from evaluation import load_data
 from models import build_score_model
+from tasks_lib.checks import check_config, check_device
 from tasks_lib.compare import compare_task
 from tasks_lib.model_source import ResolvedModel, build_sde, overridden_keys, resolve_model
 from tasks_lib.report import summary
@@ -22,7 +23,7 @@ from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
 from training import check_train_config, train
 
-__all__ = ["TASKS", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
+__all__ = ["TASKS", "run_task", "check_config", "check_device", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -45,6 +46,12 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task}
+
+
+def run_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
+    """Check the whole config (``check_config``), then run ``cfg.task.name``: what ``python run.py`` does."""
+    check_config(cfg)
+    return TASKS[cfg.task.name](cfg, run_dir, overridden)
 
 
 def compose(*overrides: str) -> DictConfig:

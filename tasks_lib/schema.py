@@ -27,7 +27,7 @@ from omegaconf import MISSING
 
 import sde_lib
 import solvers
-from core_lib import option_fields
+from core_lib import finite_positive, option_fields, require
 from data_lib import DATASETS
 from evaluation import LikelihoodConfig
 from models.networks import DERIVED_ARGS, NETWORKS
@@ -46,6 +46,13 @@ class SampleTask:
     eps: Optional[float] = None  # final time of sampling; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
     trajectories: int = 8       # paths drawn in trajectories.png (0: none)
     likelihood: bool = True     # also the ODE log-likelihood of likelihood.n_eval test points
+
+    def validate(self) -> None:
+        require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
+        require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
+                "must be null or in (0, T = 1)")
+        require(0 <= self.trajectories <= self.n_samples, "task.trajectories", self.trajectories,
+                "must be between 0 and task.n_samples")
 
 
 @dataclasses.dataclass
@@ -66,6 +73,15 @@ class CompareTask:
     n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
     eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
     reference_rtol: float = 1e-7  # tolerance of the dopri5 PF-ODE solution the ODE samplers are measured against
+
+    def validate(self) -> None:
+        require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
+        require(len(self.budgets) > 0 and all(b >= 1 for b in self.budgets), "task.budgets", list(self.budgets),
+                "must be positive NFE counts")
+        require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
+                "must be null or in (0, T = 1)")
+        require(finite_positive(self.reference_rtol), "task.reference_rtol", self.reference_rtol,
+                "must be a finite positive number")
 
 
 TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig}

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from typing import List, Optional
 
-from core_lib import UserError
+from core_lib import UserError, finite_positive, require
 
 __all__ = ["TrainConfig", "TrainingError"]
 
@@ -42,24 +42,27 @@ class TrainConfig:
     resume: Optional[str] = None    # path of a checkpoint to continue from (exactly)
     eval_every: int = 0             # evaluate every this many steps (0: at the end only)
     eval_samples: int = 2000        # samples drawn for the evaluation figure
+    divergence_factor: Optional[float] = 100.0  # a loss above this × its running mean is divergence (null: never)
+    on_divergence: str = "stop"     # stop (TrainingError naming the last good checkpoint) or warn (one line, go on)
 
     def validate(self) -> None:
         """Refuse settings that cannot train, before any work (each message names the ``task.`` key)."""
         def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise TrainingError(f"task.{key}: {what}, got {getattr(self, key)!r}.")
+            require(ok, f"task.{key}", getattr(self, key), what, TrainingError)
 
         for key in ("steps", "batch_size", "log_every", "ckpt_every", "eval_samples"):
             need(getattr(self, key) >= 1, key, "must be a positive integer")
         for key in ("warmup", "eval_every"):
             need(getattr(self, key) >= 0, key, "must be an integer >= 0")
         for key in ("lr", "grad_clip", "eps"):
-            value = getattr(self, key)
-            need(math.isfinite(value) and value > 0, key, "must be a finite positive number")
+            need(finite_positive(getattr(self, key)), key, "must be a finite positive number")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.lr_schedule in ("cosine", "constant"), "lr_schedule", "must be cosine or constant")
+        need(self.divergence_factor is None or (finite_positive(self.divergence_factor) and self.divergence_factor > 1),
+             "divergence_factor", "must be null or a finite number > 1")
+        need(self.on_divergence in ("stop", "warn"), "on_divergence", "must be stop or warn")
         need(self.loss in ("dsm", "ddpm", "ncsn"), "loss", "must be dsm, ddpm or ncsn")
         need(self.weighting in ("s2", "likelihood"), "weighting", "must be s2 or likelihood")
         need(self.reduction in ("mean", "sum"), "reduction", "must be mean or sum")

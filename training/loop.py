@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import solvers
-from core_lib import build_options
+from core_lib import RunInterrupted, build_options
 from data_lib import Dataset
 from evaluation import LikelihoodConfig, RunOutput, held_out_likelihood, save_samples
 from models import ScoreModel
@@ -92,6 +92,28 @@ def _set_rng_state(gen: torch.Generator, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class _DivergenceGuard:
+    """Flags a loss above ``factor`` × the running mean of the losses before it (after ``warmup`` steps).
+
+    Everything stays on the device: the flag joins the NaN check in one host sync per step.
+    """
+
+    def __init__(self, factor: float | None, device: torch.device, decay: float = 0.99, warmup: int = 20):
+        self.factor, self.decay, self.warmup = factor, decay, warmup
+        self.mean = torch.zeros((), device=device)
+        self.seen = 0
+
+    def diverged(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.factor is None:
+            return torch.zeros((), dtype=torch.bool, device=loss.device)
+        flag = (loss > self.factor * self.mean) & (self.seen >= self.warmup)
+        # A running mean with bias correction; a flagged loss does not enter it.
+        weight = 1.0 / min(self.seen + 1, int(1 / (1 - self.decay)))
+        self.mean = torch.where(flag | ~torch.isfinite(loss), self.mean, self.mean + weight * (loss - self.mean))
+        self.seen += 1
+        return flag
 
 
 def resume(path: str | Path, spec: dict[str, Any], model: ScoreModel, ema: EMA, optimizer: torch.optim.Optimizer,
@@ -192,6 +214,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                                                       if k != "step" and isinstance(v, float)))
         return row
 
+    guard = _DivergenceGuard(config.divergence_factor, device)
     bar = out.start_progress(config.steps, step)
     eval_row: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -205,13 +228,22 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            # One check (one host sync) for both: a NaN loss has NaN gradients, and clipping cannot repair a
+            # One check (one host sync) for all: a NaN loss has NaN gradients, and clipping cannot repair a
             # non-finite gradient; stepping would put NaN weights (and EMA) into the next last.pt.
-            if not torch.isfinite(loss + grad_norm):
+            finite = torch.isfinite(loss + grad_norm)
+            diverged = guard.diverged(loss.detach())
+            if not bool(finite & ~diverged):
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingError(f"the loss ({loss.item():.4g}) or its gradient norm ({grad_norm.item():.4g}) became "
-                                    f"non-finite at step {step + 1}; {kept}; lower task.lr (now {config.lr}) "
-                                    f"or task.grad_clip (now {config.grad_clip}).")
+                if not finite:
+                    raise TrainingError(f"the loss ({loss.item():.4g}) or its gradient norm ({grad_norm.item():.4g}) "
+                                        f"became non-finite at step {step + 1}; {kept}; lower task.lr (now {config.lr}) "
+                                        f"or task.grad_clip (now {config.grad_clip}).")
+                line = (f"the loss ({loss.item():.4g}) exceeded {config.divergence_factor:g}x its running mean "
+                        f"({guard.mean.item():.4g}) at step {step + 1}: training diverges; {kept}")
+                if config.on_divergence == "stop":
+                    raise TrainingError(f"{line}; lower task.lr (now {config.lr}), or set task.on_divergence=warn "
+                                        "or task.divergence_factor=null to go on.")
+                out.say(f"warning: {line}")
             optimizer.step()
             ema.update(model)
             step += 1
@@ -230,6 +262,10 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 eval_row = evaluation()
         if not eval_row:  # resumed at task.steps: nothing left to train, so evaluate the checkpoint
             eval_row = evaluation()
+    except KeyboardInterrupt:
+        kept = f"the last checkpoint is {last_good}" if last_good else "no checkpoint was written"
+        raise RunInterrupted(f"interrupted at step {step} of {config.steps}; {kept}; continue with "
+                             f"task.resume={last_good or '<a checkpoint>'} into a new run directory.") from None
     finally:
         out.close()
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,

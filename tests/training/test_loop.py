@@ -198,7 +198,7 @@ def test_an_exported_checkpoint_samples_alike_but_cannot_be_resumed(trained_run,
     full, slim = models.load_checkpoint(run_dir / "checkpoints" / "last.pt"), models.load_checkpoint(exported)
     assert_same(slim.score_fn.state_dict(), full.score_fn.state_dict(), "ema")
     assert (slim.step, slim.config, slim.sde) == (full.step, full.config, full.sde)
-    assert sorted(read_checkpoint(exported)) == ["config", "ema", "format", "model_spec", "step"]
+    assert sorted(read_checkpoint(exported)) == ["checksums", "config", "ema", "format", "model_spec", "step"]
     assert exported.stat().st_size < 0.4 * (run_dir / "checkpoints" / "last.pt").stat().st_size
     with pytest.raises(CheckpointError, match="holds the EMA weights only .* resuming needs a training checkpoint"):
         run_train(tmp_path / "resumed", *overrides[:-1], f"task.steps={2 * STEPS}", f"task.resume={exported}")
