@@ -5,22 +5,30 @@ Composes the hydra config in ``conf/`` (typed by ``tasks_lib.schema``) and runs 
 the ODE log-likelihood of held-out data, ``task=compare`` runs several samplers at several NFE
 budgets side by side, ``task=train`` trains a score model. The model is the shipped pretrained one
 (``ckpt=pretrained``), the data's exact score (``ckpt=exact``) or a checkpoint (``ckpt=PATH``).
+
+Before hydra starts, the overrides are composed once (a misspelt key or a wrong type is one
+``error:`` line, exit code 2) and the run directory is claimed (refused, before anything is
+written, when it holds a finished run or another run's lock).
 """
 from __future__ import annotations
 
+import datetime
+import re
 import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from core_lib import RunInterrupted, UserError
-from tasks_lib import overridden_keys, register_configs, run_task, summary
+from evaluation import claim_run_dir
+from tasks_lib import compose, overridden_keys, register_configs, run_task, summary
 
 register_configs()
-
 
 #: Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted by SIGINT or SIGTERM.
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -28,6 +36,49 @@ EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _composition_error(err: Exception) -> str:
+    """hydra's multi-line composition error as one line that names the key."""
+    if isinstance(err, MissingConfigException):
+        lines = str(err).splitlines()
+        options = [line.strip() for line in lines if line.startswith("\t") and "provider=" not in line]
+        missing = re.search(r"Could not find '([^/']+)/([^']+)'", lines[0])
+        what = f"{missing[1]}={missing[2]}: no such choice" if missing else lines[0]
+        return f"{what}; available: {', '.join(options)}."
+    cause = err.__cause__ or err
+    key = getattr(cause, "full_key", None)
+    what = str(cause).splitlines()[0]
+    return f"{key}: {what}; `python run.py <your overrides> --cfg job` shows the settings." if key else what
+
+
+def _prepare(argv: list[str]) -> list[str]:
+    """Compose the overrides and claim the run directory before hydra writes anything; the argv hydra gets."""
+    if any(a.startswith("-") for a in argv):   # --cfg, --help, -m (sweeps claim each job's directory in the job)
+        return argv
+    try:
+        compose(*[a for a in argv if not a.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(_composition_error(err))
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if given:
+        run_dir, extra = Path(given[-1]), []
+    else:   # hydra's own naming, made unique: two runs started in the same second get two directories
+        stamp = datetime.datetime.now()
+        base = Path("outputs") / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+        run_dir = next(base.with_name(f"{base.name}-{k}") if k else base for k in range(1000)
+                       if not (base.with_name(f"{base.name}-{k}") if k else base).exists())
+        extra = [f"hydra.run.dir={run_dir}"]
+    try:
+        claim_run_dir(run_dir)
+    except UserError as err:
+        _fail(f"hydra.run.dir: {err}")
+    return [*argv, *extra]
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -48,4 +99,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = _prepare(sys.argv[1:])
     main()

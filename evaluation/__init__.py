@@ -16,13 +16,13 @@ from typing import Any
 from data_lib import Dataset, load_dataset
 from evaluation.likelihood import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, LikelihoodConfig, data_log_likelihood,
                                    exact_nll, held_out_likelihood, scored_points)
-from evaluation.outputs import RunDirError, RunOutput
+from evaluation.outputs import RunDirError, RunOutput, claim_run_dir, release_run_dir
 from evaluation.plots import save_samples, save_trajectories
 from evaluation.quality import sample_quality, sliced_wasserstein
 
 __all__ = ["load_data", "LikelihoodConfig", "HeldOutLikelihood", "held_out_likelihood", "data_log_likelihood",
            "scored_points", "exact_nll", "EXACT_DIVERGENCE_MAX_DIM", "sample_quality", "sliced_wasserstein",
-           "save_samples", "save_trajectories", "RunOutput", "RunDirError"]
+           "save_samples", "save_trajectories", "RunOutput", "RunDirError", "claim_run_dir", "release_run_dir"]
 
 
 def load_data(options: Mapping[str, Any], seed: int) -> Dataset:

@@ -10,7 +10,9 @@ a multi-process run go through this class alone.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,21 +22,59 @@ from tqdm import tqdm
 from core_lib import OutputError, UserError, atomic_write
 from models.checkpoint import save_checkpoint
 
-__all__ = ["RunOutput", "RunDirError"]
+__all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir"]
 
 
 class RunDirError(UserError):
     """The run directory cannot take this run (it holds a finished one)."""
 
 
+#: Run directories this process holds the lock of: path -> the open lock file (the lock lives as long as it).
+_HELD: dict[Path, Any] = {}
+
+
+def claim_run_dir(run_dir: str | Path) -> Path:
+    """Take the exclusive lock of ``run_dir`` for this process (until it exits), or refuse with one line.
+
+    Refused when the directory already holds a finished run (``metrics.json``) or another live process
+    holds its lock (``.lock``, an advisory ``flock`` that the kernel releases when that process ends,
+    however it ends). Nothing in the directory is written but the lock file.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        return run_dir
+    if (run_dir / "metrics.json").exists():
+        raise RunDirError(f"{run_dir} already holds a finished run (metrics.json); choose another output directory "
+                          "(hydra.run.dir=...) rather than overwrite it.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "a")
+    except OSError as err:
+        raise OutputError(f"cannot create the run directory {run_dir} ({err.strerror}); choose a writable one "
+                          "(hydra.run.dir=...).") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RunDirError(f"another run is writing into {run_dir} (it holds the directory's lock); wait for it, or "
+                          "choose another output directory (hydra.run.dir=...).") from None
+    _HELD[run_dir] = lock
+    return run_dir
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    """Give up this process's lock of ``run_dir`` (a run ends: the next run of this process may use it)."""
+    lock = _HELD.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.close()
+
+
 class RunOutput:
-    """The files of one run in ``run_dir``."""
+    """The files of one run in ``run_dir``, which it claims (:func:`claim_run_dir`) for this process."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        if (self.run_dir / "metrics.json").exists():
-            raise RunDirError(f"{self.run_dir} already holds a run's metrics.json; choose another output directory "
-                              "(hydra.run.dir=...) rather than overwrite it.")
+        claim_run_dir(self.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._logs: dict[str, tuple[Any, csv.DictWriter]] = {}
         self.progress: tqdm | None = None
@@ -63,8 +103,9 @@ class RunOutput:
         atomic_write(self.path(name), lambda tmp: plot(Path(tmp), *args, **kwargs))
 
     def metrics(self, metrics: dict[str, Any]) -> None:
-        """metrics.json: the run's flat result keys; written last, it marks the run finished."""
+        """metrics.json: the run's flat result keys; written last, it marks the run finished (and frees the lock)."""
         self.write_text("metrics.json", json.dumps(metrics, indent=2) + "\n")
+        release_run_dir(self.run_dir)
 
     def log_row(self, name: str, row: dict[str, Any]) -> None:
         """Append a row to ``<name>.csv`` (header from the first row), flushed at once."""
@@ -89,8 +130,18 @@ class RunOutput:
         atomic_write(self.path(name), write)
 
     def checkpoint(self, state: dict[str, Any], step: int, keep: bool) -> None:
-        """checkpoints/last.pt, and with ``keep`` also checkpoints/step_XXXXXXX.pt (both atomic)."""
-        save_checkpoint(self.ckpt_dir / "last.pt", state)
+        """checkpoints/last.pt (the one before it kept as prev.pt), and with ``keep`` checkpoints/step_XXXXXXX.pt.
+
+        All atomic: a crash or a full disk leaves last.pt and prev.pt whole, so a resume can fall back to
+        prev.pt if last.pt is ever found corrupt.
+        """
+        last, prev = self.ckpt_dir / "last.pt", self.ckpt_dir / "prev.pt"
+        if last.exists():   # a hard link, then a rename: prev.pt is never missing or torn
+            tmp = self.ckpt_dir / ".prev.pt.link"
+            tmp.unlink(missing_ok=True)
+            os.link(last, tmp)
+            os.replace(tmp, prev)
+        save_checkpoint(last, state)
         if keep:
             save_checkpoint(self.ckpt_dir / f"step_{step:07d}.pt", state)
 

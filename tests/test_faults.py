@@ -239,3 +239,73 @@ def test_an_interrupted_training_says_where_its_last_checkpoint_is(tmp_path, sig
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "interrupted at step" in lines[0] and str(run_dir / "checkpoints" / "last.pt") in lines[0]
     read_checkpoint(run_dir / "checkpoints" / "last.pt")       # whole and verified
+
+
+# ---- the command line: one run per directory, refused before hydra writes anything ------------------
+
+QUICK = [*SAMPLE, "task.n_samples=32"]
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_cli_refuses_a_finished_run_before_hydra_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _cli(*QUICK, f"hydra.run.dir={run_dir}").returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    line = _one_error_line(_cli(*QUICK, "seed=5", f"hydra.run.dir={run_dir}"))
+    assert "already holds a finished run" in line
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before   # .hydra/ included
+
+
+def test_cli_refuses_a_directory_another_run_holds(tmp_path):
+    from evaluation import claim_run_dir, release_run_dir
+    run_dir = tmp_path / "busy"
+    claim_run_dir(run_dir)                   # this test process is "the other run"
+    try:
+        line = _one_error_line(_cli(*QUICK, f"hydra.run.dir={run_dir}"))
+        assert "another run is writing into" in line
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        release_run_dir(run_dir)
+
+
+def test_two_concurrent_runs_into_one_directory(tmp_path):
+    """One finishes with its own config and results; the other is refused without writing anything."""
+    run_dir = tmp_path / "shared"
+    cmd = lambda seed: [sys.executable, str(ROOT / "run.py"), *QUICK, "task.n_samples=2000",  # noqa: E731
+                        f"seed={seed}", f"hydra.run.dir={run_dir}"]
+    procs = [subprocess.Popen(cmd(seed), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = 1 + [code for code, _ in results].index(0)
+    assert "seed: %d" % winner in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert '"seed": %d' % winner in (run_dir / "metrics.json").read_text()
+
+
+@pytest.mark.parametrize("override, key", [("task.steps=abc", "task.steps"), ("solver=nope", "solver=nope"),
+                                            ("likelihood.n_eval=nan", "likelihood.n_eval"),
+                                            ("task=train task.stepz=1", "task.stepz")])
+def test_cli_composition_mistakes_are_one_line(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    assert key in _one_error_line(_cli(*override.split(), f"hydra.run.dir={run_dir}"))
+    assert not run_dir.exists()
+
+
+def test_the_previous_checkpoint_is_kept_beside_the_last(tmp_path):
+    run_task(compose(*TRAIN), tmp_path / "run", set())
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert read_checkpoint(ckpts / "last.pt")["step"] == 40
+    assert read_checkpoint(ckpts / "prev.pt")["step"] == 30
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "prev.pt", "step_0000040.pt"]
