@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from core_lib import RunInterrupted, UserError
-from evaluation import claim_run_dir
-from tasks_lib import compose, overridden_keys, register_configs, run_task, summary
+from tasks_lib import claim_run_dir, compose, overridden_keys, register_configs, run_task, summary
 
 register_configs()
 
@@ -41,6 +40,12 @@ def _interrupt(signum, frame):
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether an exception is an allocation failure (CPU or GPU), which a smaller size fixes."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _composition_error(err: Exception) -> str:
@@ -90,6 +95,11 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        _fail(f"out of memory ({str(err).splitlines()[0][:160]}); lower the sizes this run asks for "
+              "(task.n_samples, likelihood.n_eval, task.batch_size, the network), or use a larger device.")
     except KeyboardInterrupt:
         print(f"error: interrupted; no result was completed, and every file in {out} is whole (outputs are written "
               "atomically).", file=sys.stderr)

@@ -10,9 +10,11 @@ a multi-process run go through this class alone.
 from __future__ import annotations
 
 import csv
+import datetime
 import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,8 @@ __all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir"]
 class RunDirError(UserError):
     """The run directory cannot take this run (it holds a finished one)."""
 
+
+_STARTED = datetime.datetime.now().isoformat(timespec="seconds")
 
 #: Run directories this process holds the lock of: path -> the open lock file (the lock lives as long as it).
 _HELD: dict[Path, Any] = {}
@@ -56,10 +60,19 @@ def claim_run_dir(run_dir: str | Path) -> Path:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise RunDirError(f"another run is writing into {run_dir} (it holds the directory's lock); wait for it, or "
-                          "choose another output directory (hydra.run.dir=...).") from None
+        holder = (run_dir / ".lock").read_text().strip() or "another process"
+        raise RunDirError(f"another run ({holder}) is writing into {run_dir}; wait for it, or choose another output "
+                          "directory (hydra.run.dir=...).") from None
+    lock.truncate(0)
+    lock.write(run_identity() + "\n")
+    lock.flush()
     _HELD[run_dir] = lock
     return run_dir
+
+
+def run_identity() -> str:
+    """Who this run is: process id, host and start time (in the lock file and in metrics.json)."""
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {_STARTED}"
 
 
 def release_run_dir(run_dir: str | Path) -> None:
@@ -102,10 +115,13 @@ class RunOutput:
         """``plot(path, *args, **kwargs)`` into file ``name`` (see ``evaluation.plots``)."""
         atomic_write(self.path(name), lambda tmp: plot(Path(tmp), *args, **kwargs))
 
-    def metrics(self, metrics: dict[str, Any]) -> None:
-        """metrics.json: the run's flat result keys; written last, it marks the run finished (and frees the lock)."""
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """metrics.json: the run's flat result keys and ``run`` (its identity); written last, it marks the run
+        finished and frees the directory. Returns what was written."""
+        metrics = {**metrics, "run": run_identity()}
         self.write_text("metrics.json", json.dumps(metrics, indent=2) + "\n")
         release_run_dir(self.run_dir)
+        return metrics
 
     def log_row(self, name: str, row: dict[str, Any]) -> None:
         """Append a row to ``<name>.csv`` (header from the first row), flushed at once."""

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from core_lib import finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
 from solvers.grids import GridKind, GridOptions, half_log_snr_at, solve_times
@@ -244,8 +245,8 @@ class _AdaptiveOptions:
     def validate(self):
         if self.order not in ORDERS:
             raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
-        if self.rtol <= 0 or self.atol <= 0:
-            raise SolverError(f"rtol and atol must be positive, got rtol={self.rtol}, atol={self.atol}.")
+        if not (finite_positive(self.rtol) and finite_positive(self.atol)):
+            raise SolverError(f"rtol and atol must be finite and positive, got rtol={self.rtol}, atol={self.atol}.")
         if not 0 < self.first_step <= 1:
             raise SolverError(f"first_step must be in (0, 1], got {self.first_step}.")
 

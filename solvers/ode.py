@@ -14,6 +14,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torchdiffeq import odeint
 
+from core_lib import finite_positive
 from sde_lib import SDE, batch_broadcast
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
 from solvers.grids import GridKind, GridOptions, solve_times
@@ -114,8 +115,8 @@ class _ODEOptions(GridOptions):
 
     def validate(self):
         check_method(self.method, None)
-        if self.rtol <= 0 or self.atol <= 0:
-            raise SolverError(f"rtol and atol must be positive, got rtol={self.rtol}, atol={self.atol}.")
+        if not (finite_positive(self.rtol) and finite_positive(self.atol)):
+            raise SolverError(f"rtol and atol must be finite and positive, got rtol={self.rtol}, atol={self.atol}.")
         if self.grid is not None and self.method in ADAPTIVE_METHODS:
             raise SolverError(f"grid={self.grid!r} needs a fixed-grid method ({', '.join(FIXED_METHODS)}); "
                               f"the adaptive {self.method!r} chooses its own steps.")

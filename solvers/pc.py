@@ -13,6 +13,7 @@ from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 
+from core_lib import finite_positive
 from sde_lib import SDE, VESDE, batch_broadcast
 from solvers.base import CountedScore, Solver, SolverError, register
 from solvers.grids import GridKind, GridOptions, solve_times
@@ -284,8 +285,8 @@ class _PCOptions(_AncestralOptions):
     norm: Literal["batch", "sample"] = "batch"    # Langevin norms: batch means (reference; stable in any D) or per sample
 
     def validate(self):
-        if self.snr <= 0 or self.n_steps < 1:
-            raise SolverError(f"need snr > 0 and n_steps >= 1, got snr={self.snr}, n_steps={self.n_steps}.")
+        if not finite_positive(self.snr) or self.n_steps < 1:
+            raise SolverError(f"need a finite snr > 0 and n_steps >= 1, got snr={self.snr}, n_steps={self.n_steps}.")
 
 
 @register

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core_lib import UserError
-from evaluation import load_data
+from evaluation import claim_run_dir, load_data
 from models import build_score_model
 from tasks_lib.checks import check_config, check_device
 from tasks_lib.compare import compare_task
@@ -23,7 +23,7 @@ from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
 from training import check_train_config, train
 
-__all__ = ["TASKS", "run_task", "check_config", "check_device", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
+__all__ = ["TASKS", "run_task", "check_config", "check_device", "claim_run_dir", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

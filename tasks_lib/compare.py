@@ -123,8 +123,7 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     out.write_figure("compare.png", _plot, rows, floor, f"{type(sde).__name__} on {data.name} ({model.source} model)")
     metrics = {**header(cfg, model), "n_samples": tc.n_samples, "n_rows": len(rows), "swd_floor": floor,
                "reference_nfe": reference.nfe, **({"nll_exact_nats": exact} if exact is not None else {})}
-    out.metrics(metrics)
-    return metrics
+    return out.metrics(metrics)
 
 
 def _fmt(value: Any) -> str:

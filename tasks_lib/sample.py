@@ -75,8 +75,7 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     out.write_figure("samples.png", save_samples, samples, title, data=None if samples.dim() == 4 else model.data.test)
     if result.trajectory is not None:
         out.write_figure("trajectories.png", save_trajectories, *result.trajectory, title)
-    out.metrics(metrics)
-    return metrics
+    return out.metrics(metrics)
 
 
 def likelihood_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
@@ -91,5 +90,4 @@ def likelihood_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dic
     lik = held_out.result
     out.write_npz("likelihood.npz", x=held_out.points.cpu().numpy(), logp=lik.logp.cpu().numpy(),
          bpd=lik.bpd.cpu().numpy(), z=lik.z.cpu().numpy())
-    out.metrics(metrics)
-    return metrics
+    return out.metrics(metrics)

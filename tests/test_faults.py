@@ -2,6 +2,7 @@
 the divergence guard, unavailable devices, interrupts. Every user mistake is one line, never a traceback."""
 import dataclasses
 import errno
+import json
 import math
 import os
 import signal
@@ -309,3 +310,89 @@ def test_the_previous_checkpoint_is_kept_beside_the_last(tmp_path):
     assert read_checkpoint(ckpts / "last.pt")["step"] == 40
     assert read_checkpoint(ckpts / "prev.pt")["step"] == 30
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "prev.pt", "step_0000040.pt"]
+
+
+# ---- property: any value of any setting ends in a result or in one error line ------------------------
+
+BASES = {
+    "sample": [*SAMPLE, "task.n_samples=64", "task.likelihood=true", "likelihood.n_eval=16", "likelihood.rtol=1e-3",
+               "likelihood.atol=1e-3"],
+    "likelihood": ["task=likelihood", "ckpt=exact", "likelihood.n_eval=16", "likelihood.rtol=1e-3",
+                   "likelihood.atol=1e-3"],
+    "compare": ["task=compare", "ckpt=exact", "task.samplers=[ddim,multistep]", "task.budgets=[10]",
+                "task.n_samples=64", "likelihood.n_eval=16", "task.reference_rtol=1e-4"],
+    "train": [*TRAIN, "task.steps=20"],
+}
+#: Settings that size the work: no huge values for them (a run that asks for 1e12 samples is not a quick test).
+SIZES = {"n_samples", "n_eval", "eval_samples", "steps", "batch_size", "probes", "trajectories", "N", "log_every",
+         "ckpt_every", "eval_every", "n_train", "n_test", "chunk", "order", "warmup"}
+VALUES = [-1, 0, 1, 3, 0.5, 1e12, float("nan"), float("inf"), "abc"]
+
+
+def _settings(task: str) -> list[str]:
+    cfg = compose(*BASES[task])
+    keys = [f"task.{k}" for k in cfg.task if k != "name"] + [f"likelihood.{k}" for k in cfg.likelihood]
+    keys += [f"sde.{k}" for k in cfg.sde if k != "_target_"]
+    if task == "sample":
+        keys += [f"solver.options.{k}" for k in cfg.solver.options] + ["solver.steps"]
+    if task == "train":
+        keys += ["data.n_train", "data.n_test"]
+    return keys
+
+
+def _cases(n: int, seed: int) -> list[tuple[str, str, object]]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for task in BASES:
+        keys = _settings(task)
+        for _ in range(n):
+            key = keys[rng.integers(len(keys))]
+            values = [v for v in VALUES if not (key.rsplit(".", 1)[-1] in SIZES and v == 1e12)]
+            cases.append((task, key, values[rng.integers(len(values))]))
+    return cases
+
+
+def _check_outcome(tmp_path: Path, task: str, key: str, value) -> None:
+    run_dir = tmp_path / "run"
+    proc = _cli(*BASES[task], f"{key}={value}", f"hydra.run.dir={run_dir}")
+    written = sorted(p.name for p in run_dir.rglob("*") if p.is_file()) if run_dir.exists() else []
+    assert "Traceback" not in proc.stderr, (key, value, proc.stderr)
+    assert not [n for n in written if ".tmp" in n], written
+    if proc.returncode == 0:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["task"] == task
+        assert all(not isinstance(v, float) or math.isfinite(v) or k in ("kl_nats",) for k, v in metrics.items()), metrics
+    else:
+        assert proc.returncode == 2, (key, value, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("train:", "\r"))]
+        assert [line for line in lines if line.startswith("error: ")] == lines[-1:] and len(lines) >= 1, proc.stderr
+        assert "metrics.json" not in written
+
+
+@pytest.mark.parametrize("task, key, value", _cases(2, seed=0), ids=lambda v: str(v))
+def test_any_value_of_any_setting_gives_a_result_or_one_error_line(tmp_path, task, key, value):
+    _check_outcome(tmp_path, task, key, value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, key, value", _cases(25, seed=1), ids=lambda v: str(v))
+def test_any_value_of_any_setting_many(tmp_path, task, key, value):
+    _check_outcome(tmp_path, task, key, value)
+
+
+def test_an_exploding_score_is_caught_by_its_bound():
+    """E‖s(x_t)‖² s²/D ≤ 1 for the true score (Jensen); the exact ring score sits near 1, a scaled one far above."""
+    from models import MixtureScore, ring_mixture
+    from sde_lib import VESDE, VPSDE
+    x0 = ring_mixture().sample(256, generator=torch.Generator().manual_seed(0))[0].float()
+    for sde in (VPSDE(), VESDE()):
+        exact = MixtureScore(sde, ring_mixture())
+        assert 0.8 < loop_module.score_scale(exact, sde, x0, seed=0) < 1.2
+        assert loop_module.score_scale(lambda x, t: 30 * exact(x, t), sde, x0, seed=0) > 500
+
+
+def test_a_model_with_an_exploding_score_stops_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_module, "score_scale", lambda *args, **kwargs: 1e4)
+    with pytest.raises(TrainingError, match=r"score exploded at step 40: .* = 1e\+04, where the true score's is at "
+                                            r"most 1 .*prev\.pt"):
+        run_task(compose(*TRAIN), tmp_path / "run", set())

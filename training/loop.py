@@ -31,7 +31,7 @@ from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config"]
+__all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config", "score_scale"]
 
 
 def check_train_config(config: TrainConfig | dict) -> TrainConfig:
@@ -49,6 +49,25 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
         total += loss_fn(model, sde, x0, generator=gen, **loss_options).item() * len(x0)
         count += len(x0)
     return total / count
+
+
+@torch.no_grad()
+def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0)) -> float:
+    """max over t of E‖s_θ(x_t)‖² s(t)²/D on noised test points: at most 1 for the true score.
+
+    By Jensen, E‖∇log p_t(x_t)‖² ≤ E‖∇log p(x_t | x_0)‖² = D/s(t)² for any data, so a model far above
+    1 has a score whose magnitude exploded, whatever its loss says.
+    """
+    gen = torch.Generator(device=x0.device).manual_seed(seed + 13)
+    worst = 0.0
+    for t in times:
+        tt = torch.full((len(x0),), t * sde.T, dtype=x0.dtype, device=x0.device)
+        mean, std = sde.marginal_prob(x0, tt)
+        std = std.reshape(-1, *[1] * (x0.dim() - 1))
+        x = mean + std * torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
+        power = model(x, tt).flatten(1).pow(2).sum(1) * std.flatten() ** 2 / x0[0].numel()
+        worst = max(worst, power.mean().item())
+    return worst
 
 
 def evaluate(model: ScoreModel, data: Dataset, config: TrainConfig, likelihood: LikelihoodConfig, seed: int,
@@ -208,6 +227,14 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 "rng": _rng_state(gen), "config": record}
 
     def evaluation() -> dict[str, Any]:
+        scale = score_scale(ema.module, sde, data.test[:256], seed)
+        if config.divergence_factor is not None and not scale <= config.divergence_factor:
+            line = (f"the model's score exploded at step {step}: E‖s(x_t)‖² s(t)²/D = {scale:.3g}, where the true "
+                    f"score's is at most 1 (task.divergence_factor {config.divergence_factor:g}); the weights before "
+                    f"are in {out.ckpt_dir / 'prev.pt'}")
+            if config.on_divergence == "stop":
+                raise TrainingError(f"{line}; lower task.lr (now {config.lr}), or set task.on_divergence=warn.")
+            out.say(f"warning: {line}")
         row = evaluate(ema.module, data, config, likelihood, seed, loss_fn, loss_options, step, out)
         out.log_row("eval_log", row)
         out.say(f"step {row['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -270,5 +297,4 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
         out.close()
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,
                "model": spec["net"]["kind"], "loss": config.loss, **{k: v for k, v in eval_row.items() if k != "step"}}
-    out.metrics(metrics)
-    return metrics
+    return out.metrics(metrics)
