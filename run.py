@@ -62,9 +62,22 @@ def _composition_error(err: Exception) -> str:
     return f"{key}: {what}; `python run.py <your overrides> --cfg job` shows the settings." if key else what
 
 
+def _fresh(base: Path) -> Path:
+    """``base``, or ``base-1``, ``base-2``, … : the first that does not exist yet."""
+    return next(p for p in (base.with_name(f"{base.name}-{k}") if k else base for k in range(10_000)) if not p.exists())
+
+
+def _stamp(root: str) -> Path:
+    now = datetime.datetime.now()
+    return _fresh(Path(root) / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S"))
+
+
 def _prepare(argv: list[str]) -> list[str]:
     """Compose the overrides and claim the run directory before hydra writes anything; the argv hydra gets."""
-    if any(a.startswith("-") for a in argv):   # --cfg, --help, -m (sweeps claim each job's directory in the job)
+    if "-m" in argv or "--multirun" in argv:   # a sweep: its own fresh directory; each job claims its subdirectory
+        named = any(a.startswith("hydra.sweep.dir=") for a in argv)
+        return argv if named else [*argv, f"hydra.sweep.dir={_stamp('multirun')}"]
+    if any(a.startswith("-") for a in argv):   # --cfg, --help, ...: hydra's own
         return argv
     try:
         compose(*[a for a in argv if not a.startswith("hydra.")])
@@ -74,10 +87,7 @@ def _prepare(argv: list[str]) -> list[str]:
     if given:
         run_dir, extra = Path(given[-1]), []
     else:   # hydra's own naming, made unique: two runs started in the same second get two directories
-        stamp = datetime.datetime.now()
-        base = Path("outputs") / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
-        run_dir = next(base.with_name(f"{base.name}-{k}") if k else base for k in range(1000)
-                       if not (base.with_name(f"{base.name}-{k}") if k else base).exists())
+        run_dir = _stamp("outputs")
         extra = [f"hydra.run.dir={run_dir}"]
     try:
         claim_run_dir(run_dir)

@@ -11,7 +11,8 @@ from core_lib.errors import RunInterrupted, UserError
 from core_lib.files import OutputError, atomic_write
 from core_lib.options import build_options, describe_type, finite_positive, option_fields, require, value_matches
 
-__all__ = ["UserError", "RunInterrupted", "OutputError", "atomic_write", "build_options", "option_fields", "describe_type", "value_matches", "import_submodules", "require", "finite_positive"]
+__all__ = ["UserError", "RunInterrupted", "OutputError", "atomic_write", "build_options", "option_fields",
+           "describe_type", "value_matches", "import_submodules", "require", "finite_positive"]
 
 
 def import_submodules(package: str) -> None:

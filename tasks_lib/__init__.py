@@ -23,7 +23,8 @@ from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
 from training import check_train_config, train
 
-__all__ = ["TASKS", "run_task", "check_config", "check_device", "claim_run_dir", "compose", "register_configs", "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
+__all__ = ["TASKS", "run_task", "check_config", "check_device", "claim_run_dir", "compose", "register_configs",
+           "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
