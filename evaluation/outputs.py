@@ -13,6 +13,7 @@ import csv
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -24,7 +25,9 @@ from tqdm import tqdm
 from core_lib import OutputError, UserError, atomic_write
 from models.checkpoint import save_checkpoint
 
-__all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir"]
+__all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir", "run_identity"]
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(UserError):
@@ -88,6 +91,7 @@ class RunOutput:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         claim_run_dir(self.run_dir)
+        log.info("run: %s, in %s", run_identity(), self.run_dir)   # hydra's run.log carries who wrote it
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._logs: dict[str, tuple[Any, csv.DictWriter]] = {}
         self.progress: tqdm | None = None
