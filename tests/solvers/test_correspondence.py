@@ -1,6 +1,5 @@
 """Discrete and continuous side by side (docs/math.md §3, §4): DDIM is the PF-ODE's first-order exponential
 integrator, and DDPM's ancestral sampler and the reverse SDE's Euler–Maruyama converge to each other."""
-import math
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import solvers
 from models import MixtureScore, ring_mixture
-from sde_lib import SDES, subVPSDE, VESDE, VPSDE
+from sde_lib import SDES, VPSDE
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ import torch
 
 import solvers
 from models import MixtureScore, ring_mixture
-from sde_lib import SDES, subVPSDE, VESDE, VPSDE
+from sde_lib import SDES, VPSDE
 from solvers.base import SolverError
 from solvers.grids import time_grid
 

@@ -11,7 +11,7 @@ import torch
 
 import solvers
 from models import MixtureScore, random_mixture, ring_mixture
-from sde_lib import SDES, subVPSDE, VESDE, VPSDE
+from sde_lib import SDES, VESDE, VPSDE
 
 PROBLEMS = {"ring2d": ring_mixture, "mix16d": random_mixture}
 EPS = 1e-5
