@@ -13,7 +13,7 @@ from core_lib import UserError, build_options
 from tasks_lib.model_source import build_sde
 from tasks_lib.sample import dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS
-from training import TrainingError, check_train_config
+from training import check_train_config
 
 __all__ = ["check_config", "check_device"]
 
@@ -58,6 +58,3 @@ def check_config(cfg: DictConfig) -> None:
         if steps is not None and steps < 1:
             raise UserError(f"solver.steps: must be a positive integer or null, got {steps}.")
         solvers.get_solver(cfg.solver.name)(**OmegaConf.to_container(cfg.solver.options, resolve=True))
-    if name == "train" and cfg.ckpt != "pretrained":
-        raise TrainingError(f"ckpt={cfg.ckpt} does not apply to task=train; continue a run with "
-                            "task.resume=<run dir>/checkpoints/last.pt, or drop ckpt.")

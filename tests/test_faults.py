@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     run_task(compose(*SAMPLE), run_dir, set())
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     for overrides in (SAMPLE, TRAIN):
-        with pytest.raises(RunDirError, match="already holds a run's metrics.json"):
+        with pytest.raises(RunDirError, match=r"already holds a finished run \(metrics.json\)"):
             run_task(compose(*overrides), run_dir, set())
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
@@ -274,7 +275,7 @@ def test_cli_refuses_a_directory_another_run_holds(tmp_path):
     claim_run_dir(run_dir)                   # this test process is "the other run"
     try:
         line = _one_error_line(_cli(*QUICK, f"hydra.run.dir={run_dir}"))
-        assert "another run is writing into" in line
+        assert re.search(r"another run \(pid \d+ on .*\) is writing into", line), line
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
     finally:
         release_run_dir(run_dir)

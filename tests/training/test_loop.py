@@ -118,7 +118,7 @@ def trained_run(tmp_path_factory):
 def test_a_run_writes_its_outputs_and_learns(trained_run):
     run_dir, metrics, _ = trained_run
     ckpts = run_dir / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["last.pt", f"step_{STEPS:07d}.pt"]
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["last.pt", "prev.pt", f"step_{STEPS:07d}.pt"]
     assert last(run_dir)["step"] == STEPS
     assert_same(last(run_dir)["model"], read_checkpoint(ckpts / f"step_{STEPS:07d}.pt")["model"])
 
