@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 
 import solvers
-from data_lib import Dataset, dequantize
 from core_lib import finite_positive, require
+from data_lib import Dataset, dequantize
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS
 
 Tensor = torch.Tensor
@@ -121,7 +121,7 @@ class HeldOutLikelihood:
 
 
 def held_out_likelihood(sde, score_fn, data: Dataset, config: LikelihoodConfig, seed: int, device: torch.device | str,
-                    dtype: torch.dtype = torch.float32, progress: bool = False) -> HeldOutLikelihood:
+                        dtype: torch.dtype = torch.float32, progress: bool = False) -> HeldOutLikelihood:
     """The ODE likelihood of ``config.n_eval`` held-out points of ``data``, with KL against the exact density when known."""
     config.validate()
     x = data.test[:config.n_eval].to(device=device, dtype=dtype)
@@ -132,7 +132,7 @@ def held_out_likelihood(sde, score_fn, data: Dataset, config: LikelihoodConfig, 
     mean = nll.mean().item()
     exact = exact_nll(data, points)
     return HeldOutLikelihood(n_eval=len(x), nll_nats=mean,
-                          nll_stderr_nats=(nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,
-                          bpd=lik.bpd.double().mean().item(), nfe=lik.nfe, seconds=lik.seconds,
-                          exact_nll_nats=exact, kl_nats=None if exact is None else mean - exact,
-                          result=lik, points=points)
+                             nll_stderr_nats=(nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,
+                             bpd=lik.bpd.double().mean().item(), nfe=lik.nfe, seconds=lik.seconds,
+                             exact_nll_nats=exact, kl_nats=None if exact is None else mean - exact,
+                             result=lik, points=points)

@@ -21,7 +21,7 @@ from tasks_lib.model_source import ResolvedModel, build_sde, overridden_keys, re
 from tasks_lib.report import summary
 from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
 from tasks_lib.schema import register_configs
-from training import check_train_config, train
+from training import TrainConfig, train
 
 __all__ = ["TASKS", "run_task", "check_config", "check_device", "claim_run_dir", "compose", "register_configs",
            "resolve_model", "ResolvedModel", "overridden_keys", "summary"]
@@ -34,7 +34,7 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
     if cfg.ckpt != "pretrained":
         raise UserError(f"ckpt={cfg.ckpt} does not apply to task=train; continue a run with "
                         "task.resume=<run dir>/checkpoints/last.pt, or drop ckpt.")
-    config = check_train_config(OmegaConf.to_container(cfg.task, resolve=True))
+    config = TrainConfig(**OmegaConf.to_container(cfg.task, resolve=True))   # checked by train()
     likelihood = likelihood_config(cfg)
     torch.manual_seed(cfg.seed)   # the network's initialisation (and dropout) draw from the global RNG
     data = load_data(cfg.data, cfg.seed)

@@ -59,8 +59,6 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     if unknown:
         raise UserError(f"task.samplers: unknown sampler(s) {', '.join(unknown)}; available: "
                         f"{', '.join(sampler_names())}.")
-    if not tc.budgets or any(b < 1 for b in tc.budgets):
-        raise UserError(f"task.budgets must be positive NFE counts, got {list(tc.budgets)}.")
     out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)

@@ -193,6 +193,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     """
     config = check_train_config(config)
     likelihood = likelihood or LikelihoodConfig()
+    likelihood.validate()   # the evaluations' settings, checked before the first step rather than at the first evaluation
     device = torch.device(device)
     sde = model.sde
     if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
