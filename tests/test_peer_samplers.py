@@ -1,0 +1,169 @@
+"""The peer-sampler wrappers of benchmarks/peer_samplers.py: posing, NFE counting and convergence.
+
+diffusers is skipped with ``pytest.importorskip``. k-diffusion cannot be: its package ``__init__``
+imports torchvision, clip and wandb, so it is probed through ``k_diffusion_sampling()``, the loader
+the module itself uses, and skipped when that raises ImportError.
+"""
+import math
+import sys
+
+import pytest
+import torch
+
+from benchmarks.peer_samplers import (BudgetTooSmall, PeerSetting, SigmaProblem, best_peer,
+                                      k_diffusion_sampling, peer_settings, reference_flow, ring_problem,
+                                      rms_distance)
+
+F64 = torch.float64
+SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
+UNIPC = ("diffusers UniPC", "bh2, order 2, UniC, linspace")
+EDM_2M = ("diffusers EDM DPM-Solver", "dpmsolver++, order 2, karras ρ=7")
+K_2M = ("k-diffusion dpmpp_2m", "karras ρ=7")
+K_HEUN = ("k-diffusion heun", "karras ρ=7")
+#: How close a peer's first σ and its end σ come to σ_max and σ_min: float32 tables in diffusers
+#: (module docstring), float64 grids in k-diffusion.
+START_RTOL = {"diffusers": 1e-6, "k-diffusion": 1e-12}
+END_RTOL = {"diffusers": 2e-3, "k-diffusion": 1e-9}
+
+
+def _setting(peer: str, setting: str) -> PeerSetting:
+    if peer.startswith("diffusers"):
+        pytest.importorskip("diffusers")
+    else:
+        try:
+            k_diffusion_sampling()
+        except ImportError as exc:
+            pytest.skip(f"k-diffusion is not importable: {exc}")
+    (match,) = [s for s in peer_settings() if (s.peer, s.setting) == (peer, setting)]
+    return match
+
+
+def _recording(problem: SigmaProblem) -> tuple[SigmaProblem, list[float]]:
+    """The problem with a denoiser that records the σ of each call."""
+    sigmas = []
+
+    def denoiser(x, sigma):
+        sigmas.append(sigma[0].item())
+        return problem.denoiser(x, sigma)
+
+    return SigmaProblem(problem.name, problem.sigma_max, problem.sigma_min, problem.x_start, denoiser), sigmas
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return ring_problem(64, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN)
+
+
+@pytest.fixture(scope="module")
+def ring_reference(ring):
+    return reference_flow(ring, rtol=1e-8)
+
+
+def _constant_problem(n: int = 8) -> tuple[SigmaProblem, torch.Tensor]:
+    """D ≡ μ (all data at μ): the flow is x̃(σ) = μ + (x̃_start − μ) σ/σ_max, which every peer here
+    integrates exactly, so its output tells where it started and stopped."""
+    mu = torch.tensor([1.0, -2.0], dtype=F64)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    return SigmaProblem("constant", SIGMA_MAX, SIGMA_MIN, SIGMA_MAX * z, lambda x, sigma: mu.expand_as(x)), mu
+
+
+def test_rms_distance_is_the_rms_of_per_sample_euclidean_distances():
+    a = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=F64)
+    b = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=F64)
+    assert rms_distance(a, b) == pytest.approx(math.sqrt(25 / 2))
+
+
+def test_reference_flow_matches_the_closed_form_for_a_gaussian():
+    # p₀ = N(μ, s² I): D = μ + s²/(s² + σ²)(x̃ − μ), and x̃(σ) − μ scales as √(s² + σ²).
+    mu, s = torch.tensor([1.0, -2.0], dtype=F64), 0.5
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    problem = SigmaProblem("gaussian", SIGMA_MAX, SIGMA_MIN, SIGMA_MAX * z,
+                           lambda x, sigma: mu + (s**2 / (s**2 + sigma**2))[:, None] * (x - mu))
+    exact = mu + (problem.x_start - mu) * math.sqrt(s**2 + SIGMA_MIN**2) / math.sqrt(s**2 + SIGMA_MAX**2)
+    assert rms_distance(reference_flow(problem, rtol=1e-9), exact) < 1e-7
+
+
+def test_best_peer_takes_the_smallest_error_and_skips_failures(ring):
+    reference = torch.zeros_like(ring.x_start)
+
+    def offset(delta, nfe=10):
+        return lambda problem, budget: (reference + delta, nfe)
+
+    def raises(problem, budget):
+        raise RuntimeError("peer broke")
+
+    def too_small(problem, budget):
+        raise BudgetTooSmall("needs more")
+
+    settings = [PeerSetting("p", "far", 1, offset(0.1)), PeerSetting("p", "raises", 1, raises),
+                PeerSetting("p", "nan", 1, offset(float("nan"))), PeerSetting("p", "small", 2, too_small),
+                PeerSetting("p", "over budget", 1, offset(0.0, nfe=11)), PeerSetting("p", "near", 1, offset(0.01))]
+    failures = []
+    error, setting, nfe = best_peer(ring, 10, reference, settings=settings, failures=failures)
+    assert setting.setting == "near" and nfe == 10
+    assert error == pytest.approx(0.01 * math.sqrt(2))
+    assert sorted(s.setting for s, _ in failures) == ["nan", "over budget", "raises"]
+    with pytest.raises(RuntimeError, match="no peer setting"):
+        best_peer(ring, 10, reference, settings=settings[1:3])
+
+
+@pytest.mark.parametrize("peer, setting, order", [(*UNIPC, 3), (*K_2M, 2), (*EDM_2M, 2)])
+def test_peer_converges_at_its_order_on_the_ring(ring, ring_reference, peer, setting, order):
+    run = _setting(peer, setting).run
+    coarse, fine = (rms_distance(run(ring, budget)[0], ring_reference) for budget in (80, 160))
+    assert math.log2(coarse / fine) == pytest.approx(order, abs=0.5)
+
+
+def test_edm_dpm_solver_and_k_diffusion_dpmpp_2m_agree(ring):
+    # The same method (DPM-Solver++(2M)) on the same grid in two packages: they differ by float32.
+    edm, _ = _setting(*EDM_2M).run(ring, 20)
+    k_2m, _ = _setting(*K_2M).run(ring, 20)
+    assert rms_distance(edm, k_2m) < 1e-5
+
+
+@pytest.mark.parametrize("peer, setting", [UNIPC, K_2M, EDM_2M, K_HEUN])
+def test_run_counts_nfe_and_spans_sigma_max_to_sigma_min(ring, peer, setting):
+    chosen = _setting(peer, setting)
+    problem, sigmas = _recording(ring)
+    budget = 9
+    _, nfe = chosen.run(problem, budget)
+    assert nfe == len(sigmas) == budget // chosen.nfe_per_step * chosen.nfe_per_step
+    package = peer.split()[0]
+    assert sigmas[0] == pytest.approx(SIGMA_MAX, rel=START_RTOL[package])
+    assert all(b <= a for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] > SIGMA_MIN
+
+    constant, mu = _constant_problem()
+    x, _ = chosen.run(constant, budget)
+    ratio = (x - mu) / (constant.x_start - mu)
+    assert torch.allclose(ratio, torch.full_like(ratio, SIGMA_MIN / SIGMA_MAX), rtol=END_RTOL[package], atol=0)
+
+
+def test_k_diffusion_loader_leaves_no_torchvision_placeholder():
+    try:
+        k_diffusion_sampling()
+    except ImportError as exc:
+        pytest.skip(f"k-diffusion is not importable: {exc}")
+    torchvision = sys.modules.get("torchvision")
+    assert torchvision is None or getattr(torchvision, "__file__", None) is not None
+
+
+@pytest.mark.slow
+def test_every_setting_runs_within_budget_from_sigma_max():
+    settings = peer_settings()
+    if not settings:
+        pytest.skip("neither diffusers nor k-diffusion is importable")
+    problem, sigmas = _recording(ring_problem(16))
+    for setting in settings:
+        for budget in (5, 10):
+            sigmas.clear()
+            try:
+                x, nfe = setting.run(problem, budget)
+            except BudgetTooSmall:
+                assert setting.nfe_per_step is None or setting.nfe_per_step > budget, setting.label
+                continue
+            assert torch.isfinite(x).all() and nfe == len(sigmas), setting.label
+            if setting.nfe_per_step is None:
+                assert nfe <= budget, setting.label
+            else:
+                assert nfe == budget // setting.nfe_per_step * setting.nfe_per_step, setting.label
+            assert sigmas[0] == pytest.approx(SIGMA_MAX, rel=START_RTOL[setting.peer.split()[0]]), setting.label
