@@ -36,6 +36,10 @@ Tensor = torch.Tensor
 __all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep"]
 
 ORDERS = (1, 2, 3, 4)
+#: (most steps, highest order): over few long steps a high-order polynomial extrapolates a network's
+#: irregularities (its x̂₀ is far rougher in λ than an exact score's) instead of the flow; measured on
+#: the shipped networks, order 4 at 8 steps is 10× worse than order 2 (benchmarks/results/peers_log.md).
+FEW_STEP_ORDERS = ((6, 2), (10, 3))
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -142,6 +146,7 @@ class _MultistepOptions(GridOptions):
     variable: Literal["log_snr", "sigma", "angle"] = "angle"   # x̂_0 in λ (DPM-Solver++), ε̂ in σ (Adams–Bashforth), F in arctan(σ/σ_data)
     corrector: bool = True             # re-fit through the new point and redo the step (no extra NFE)
     lower_order_final: bool = True     # order ≤ 2 on the last step when steps < 15 (the step nearest the data is the stiffest)
+    few_step_orders: bool = True       # cap the order at 2 for ≤ 6 steps and at 3 for ≤ 10 (see FEW_STEP_ORDERS)
 
     def validate(self):
         if self.order not in ORDERS:
@@ -164,11 +169,14 @@ class Multistep(Solver):
         o = self.options
         ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
         n = len(ts) - 1
-        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=o.order)
+        top = o.order
+        if o.few_step_orders:
+            top = min([top] + [cap for most, cap in FEW_STEP_ORDERS if n <= most])
+        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=top)
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
         for i in range(n):
-            order = min(o.order, i + 1)
+            order = min(top, i + 1)
             if o.lower_order_final and n < 15 and i == n - 1:
                 order = min(order, 2)
             x_pred = state.step(x, ts[i], ts[i + 1], nodes[:order], values[:order])

@@ -31,7 +31,8 @@ def half_log_snr_at(sde: SDE, t: float) -> float:
 
 def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
               times: Optional[List[float]] = None, focus_sigma: float = 2.5,
-              focus_width: tuple[float, float] = (1.5, 1.6), dtype=torch.float64) -> Tensor:
+              focus_width: tuple[float, float] = (1.5, 1.6), coverage: float = 0.0,
+              dtype=torch.float64) -> Tensor:
     """steps + 1 times from T down to eps (float64).
 
     kinds: "t" uniform in t; "log_snr" uniform in the half log-SNR λ; "edm" EDM's ρ-spacing of
@@ -40,7 +41,9 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
     level where the data's modes separate, and w = focus_width[0] on the noisy side (λ < λ_c),
     focus_width[1] on the data side (w → ∞ gives "log_snr"; w = 1 on both sides is a grid
     uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
-    decreasing, eps last; ``steps`` is then len(times) − 1).
+    decreasing, eps last; ``steps`` is then len(times) − 1). ``coverage`` (focus only) mixes the
+    focus density with the "edm" density, in that proportion: the focus thins out exponentially
+    towards both ends, where a trained network is rougher in λ than an exact score (docs/math.md §4.3).
     """
     if kind == "t":
         return torch.linspace(sde.T, eps, steps + 1, dtype=dtype)
@@ -65,6 +68,8 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
             raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
         # Equal steps of the density's CDF, w·gd(v/w) on either side of v = λ − λ_c = 0, with the
         # Gudermannian gd(v) = atan(sinh v); its inverse is w·asinh(tan(g/w)).
+        if not 0 <= coverage <= 1:
+            raise SolverError(f"coverage must be in [0, 1], got {coverage}.")
         lam_c = -math.log(focus_sigma)
         width = lambda v: noisy if v < 0 else clean  # noqa: E731
         ends = [lam - lam_c for lam in (lam_T, lam_eps)]
@@ -72,11 +77,50 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
                              dtype=torch.float64)
         w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
         lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
+        if coverage > 0:
+            lam = _mix_with_edm(lam, lam_T, lam_eps, lam_c, (noisy, clean), rho, coverage)
     else:
         raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
     t = sde.t_from_half_log_snr(lam)
     t[0], t[-1] = sde.T, eps                 # exact end points, whatever the inverse's rounding
     return t.to(dtype)
+
+
+def _mix_with_edm(lam: Tensor, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
+                  rho: float, coverage: float) -> Tensor:
+    """The grid of the density (1 − coverage)·focus + coverage·edm in λ, by bisection on its CDF.
+
+    Both CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is the Gudermannian
+    of ``time_grid``, the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}. Their mixture is increasing, so
+    60 bisections place each of the equally spaced levels to float64 precision.
+    """
+    noisy, clean = widths
+
+    def focus_cdf(x: Tensor) -> Tensor:
+        v = x - lam_c
+        w = torch.where(v < 0, torch.full_like(v, noisy), torch.full_like(v, clean))
+        return w * torch.atan(torch.sinh(v / w))
+
+    lo_f, hi_f = (focus_cdf(torch.tensor([v], dtype=torch.float64)).item() for v in (lam_T, lam_eps))
+    lo_e, hi_e = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)
+
+    def cdf(x: Tensor) -> Tensor:
+        f = (focus_cdf(x) - lo_f) / (hi_f - lo_f)
+        e = (lo_e - torch.exp(-x / rho)) / (lo_e - hi_e)
+        return (1 - coverage) * f + coverage * e
+
+    levels = torch.linspace(0, 1, len(lam), dtype=torch.float64)
+    a, b = torch.full_like(levels, lam_T), torch.full_like(levels, lam_eps)
+    for _ in range(60):
+        mid = (a + b) / 2
+        below = cdf(mid) < levels
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    return (a + b) / 2
+
+
+#: steps from which the focus grid mixes in COVERAGE of the edm density, by default
+COVERAGE_FROM_STEPS = 40
+COVERAGE = 0.35
 
 
 @dataclasses.dataclass
@@ -89,8 +133,11 @@ class GridOptions:
     focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
     focus_width_data: float = 1.6      # grid="focus": and towards the data
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
+    coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
 
     def validate(self):
+        if self.coverage is not None and not 0 <= self.coverage <= 1:
+            raise SolverError(f"coverage must be in [0, 1] or None, got {self.coverage}.")
         if not all(math.isfinite(v) and v > 0
                    for v in (self.rho, self.focus, self.focus_width_noise, self.focus_width_data)):
             raise SolverError(f"rho, focus, focus_width_noise and focus_width_data must be finite and positive, got "
@@ -113,5 +160,9 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
         if steps is not None and steps != len(options.times) - 1:
             raise SolverError(f"steps={steps} but times has {len(options.times) - 1} steps; give one or the other.")
         return time_grid(sde, eps, len(options.times) - 1, "user", times=options.times)
-    return time_grid(sde, eps, steps or default_steps, kind, options.rho, focus_sigma=options.focus * sigma_data,
-                     focus_width=(options.focus_width_noise, options.focus_width_data))
+    steps = steps or default_steps
+    coverage = options.coverage
+    if coverage is None:
+        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
+    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data,
+                     focus_width=(options.focus_width_noise, options.focus_width_data), coverage=coverage)

@@ -200,3 +200,35 @@ def test_third_order_step_matches_the_phi_function_formula():
                           grid="log_snr", corrector=False, lower_order_final=False).samples
     torch.testing.assert_close(ours, dpm_solver_pp_3m(sde, score, z, 12, 1e-3, exact=True), rtol=0, atol=1e-9)
     assert (ours - dpm_solver_pp_3m(sde, score, z, 12, 1e-3)).abs().max() > 1e-3
+
+
+def test_coverage_mixes_the_focus_and_edm_grids():
+    """coverage → 0 is the focus grid, coverage = 1 the edm grid; the default mixes in 0.35 from 40 steps only."""
+    from solvers.grids import COVERAGE, COVERAGE_FROM_STEPS, GridOptions, solve_times
+    sde = VPSDE()
+    focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
+    assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1e-12), focus, atol=1e-10)
+    assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1.0),
+                          time_grid(sde, 1e-3, 30, "edm"), atol=1e-12)
+    mixed = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=0.5)
+    assert bool((mixed[1:] < mixed[:-1]).all()) and mixed[0] == sde.T and mixed[-1] == 1e-3
+    options = GridOptions()
+    for steps in (COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
+        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
+        assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5),
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5, coverage=coverage))
+    with pytest.raises(SolverError, match="coverage"):
+        solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, coverage=1.5)
+
+
+def test_few_steps_cap_the_order():
+    """At ≤ 6 steps order 4 runs as order 2, at ≤ 10 as order 3 (few_step_orders), and as asked without the cap."""
+    sde = VPSDE()
+    score = MixtureScore(sde, ring_mixture())
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    run = lambda steps, **o: solvers.sample(sde, score, z=z, solver="multistep", steps=steps, **o).samples  # noqa: E731
+    assert torch.equal(run(6), run(6, order=2))
+    assert torch.equal(run(10), run(10, order=3))
+    assert torch.equal(run(11), run(11, order=4))
+    assert not torch.equal(run(6), run(6, few_step_orders=False))
+    assert torch.equal(run(6, few_step_orders=False), run(6, order=4, few_step_orders=False))
