@@ -78,7 +78,7 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
         w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
         lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
         if coverage > 0:
-            lam = _mix_with_edm(lam, lam_T, lam_eps, lam_c, (noisy, clean), rho, coverage)
+            lam = _mix_with_edm(steps, lam_T, lam_eps, lam_c, (noisy, clean), rho, coverage)
     else:
         raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
     t = sde.t_from_half_log_snr(lam)
@@ -86,9 +86,9 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
     return t.to(dtype)
 
 
-def _mix_with_edm(lam: Tensor, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
+def _mix_with_edm(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
                   rho: float, coverage: float) -> Tensor:
-    """The grid of the density (1 − coverage)·focus + coverage·edm in λ, by bisection on its CDF.
+    """steps + 1 values of λ for the density (1 − coverage)·focus + coverage·edm, by bisection on its CDF.
 
     Both CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is the Gudermannian
     of ``time_grid``, the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}. Their mixture is increasing, so
@@ -109,7 +109,7 @@ def _mix_with_edm(lam: Tensor, lam_T: float, lam_eps: float, lam_c: float, width
         e = (lo_e - torch.exp(-x / rho)) / (lo_e - hi_e)
         return (1 - coverage) * f + coverage * e
 
-    levels = torch.linspace(0, 1, len(lam), dtype=torch.float64)
+    levels = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     a, b = torch.full_like(levels, lam_T), torch.full_like(levels, lam_eps)
     for _ in range(60):
         mid = (a + b) / 2
