@@ -91,7 +91,7 @@ from torchdiffeq import odeint
 from models import MixtureScore, ring_mixture
 from sde_lib import VESDE
 
-__all__ = ["SigmaProblem", "PeerSetting", "BudgetTooSmall", "peer_settings", "best_peer", "sanity_table",
+__all__ = ["SigmaProblem", "PeerSetting", "BudgetTooSmall", "peer_settings", "scored_run", "best_peer", "sanity_table",
            "rms_distance", "reference_flow", "ring_problem", "k_diffusion_sampling"]
 
 F64 = torch.float64
@@ -580,7 +580,7 @@ def _registry() -> tuple[PeerSetting, ...]:
     return tuple(settings)
 
 
-def _scored_run(setting: PeerSetting, problem: SigmaProblem, budget: int,
+def scored_run(setting: PeerSetting, problem: SigmaProblem, budget: int,
                 reference: torch.Tensor) -> tuple[float, int]:
     """(RMS distance to ``reference``, NFE) of one run; raises on a failed or non-finite run."""
     x, nfe = setting.run(problem, budget)
@@ -604,7 +604,7 @@ def best_peer(problem: SigmaProblem, budget: int, reference: torch.Tensor,
     best = None
     for setting in peer_settings() if settings is None else settings:
         try:
-            error, nfe = _scored_run(setting, problem, budget, reference)
+            error, nfe = scored_run(setting, problem, budget, reference)
         except BudgetTooSmall:
             continue
         except Exception as exc:  # a peer's failure is a result of the comparison, not its end
@@ -641,7 +641,7 @@ def sanity_table(problem: SigmaProblem, reference: torch.Tensor, steps: tuple[in
         cells, runs = [], []
         for budget in steps:
             try:
-                error, nfe = _scored_run(setting, problem, budget, reference)
+                error, nfe = scored_run(setting, problem, budget, reference)
             except BudgetTooSmall:
                 cells.append("–")
                 continue

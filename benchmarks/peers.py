@@ -38,11 +38,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import solvers  # noqa: E402
-from benchmarks.peer_samplers import (SigmaProblem, _scored_run, best_peer, peer_settings,  # noqa: E402
-                                      reference_flow, rms_distance)
+from benchmarks.peer_samplers import (SigmaProblem, best_peer, peer_settings, reference_flow,  # noqa: E402
+                                      rms_distance, scored_run)
 from models import MixtureScore, random_mixture, ring_mixture  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from sde_lib import SDE, VESDE, VPSDE  # noqa: E402
+from solvers.grids import half_log_snr_at  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
 
 F64 = torch.float64
@@ -76,11 +77,6 @@ class Posed:
         return out.samples / self.alpha(self.eps), out.nfe
 
 
-def _sigma(sde: SDE, t: float) -> float:
-    t = torch.tensor(t, dtype=F64)
-    return float(sde.marginal_std(t) / sde.log_mean_coeff(t).exp())
-
-
 def pose(name: str, sde: SDE, score, eps: float, n: int, dim: int, seed: int = 0) -> Posed:
     """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score."""
 
@@ -91,7 +87,7 @@ def pose(name: str, sde: SDE, score, eps: float, n: int, dim: int, seed: int = 0
         xt = alpha * x
         return (xt + std**2 * score(xt, t)) / alpha
 
-    sigma_max, sigma_min = _sigma(sde, sde.T), _sigma(sde, eps)
+    sigma_max, sigma_min = (math.exp(-half_log_snr_at(sde, t)) for t in (sde.T, eps))   # σ = e^(−λ)
     z = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
     return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde, score, eps)
 
@@ -120,7 +116,7 @@ def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, re
     ranked = []
     for setting in peer_settings():
         try:
-            ranked.append((_scored_run(setting, sub, budget, reference[:SCREEN])[0], setting))
+            ranked.append((scored_run(setting, sub, budget, reference[:SCREEN])[0], setting))
         except Exception:  # too small a budget for it, or a failure: best_peer below skips it the same way
             continue
     shortlist = [s for _, s in sorted(ranked, key=lambda r: r[0])[:SHORTLIST]]
