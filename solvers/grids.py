@@ -66,19 +66,17 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
         noisy, clean = focus_width
         if not (focus_sigma > 0 and noisy > 0 and clean > 0):
             raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
-        # Equal steps of the density's CDF, w·gd(v/w) on either side of v = λ − λ_c = 0, with the
-        # Gudermannian gd(v) = atan(sinh v); its inverse is w·asinh(tan(g/w)).
         if not 0 <= coverage <= 1:
             raise SolverError(f"coverage must be in [0, 1], got {coverage}.")
         lam_c = -math.log(focus_sigma)
-        width = lambda v: noisy if v < 0 else clean  # noqa: E731
-        ends = [lam - lam_c for lam in (lam_T, lam_eps)]
-        cdf = torch.linspace(*[width(v) * math.atan(math.sinh(v / width(v))) for v in ends], steps + 1,
-                             dtype=torch.float64)
-        w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
-        lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
         if coverage > 0:
-            lam = _mix_with_edm(steps, lam_T, lam_eps, lam_c, (noisy, clean), rho, coverage)
+            lam = _mix_with_edm(steps, lam_T, lam_eps, lam_c, focus_width, rho, coverage)
+        else:
+            # Equal steps of the density's CDF, inverted in closed form: w·asinh(tan(g/w)).
+            ends = _focus_cdf(torch.tensor([lam_T, lam_eps], dtype=torch.float64) - lam_c, focus_width)
+            cdf = torch.linspace(ends[0].item(), ends[1].item(), steps + 1, dtype=torch.float64)
+            w = torch.full_like(cdf, clean).masked_fill(cdf < 0, noisy)
+            lam = lam_c + w * torch.asinh(torch.tan(cdf / w))
     else:
         raise SolverError(f"grid must be one of {', '.join(GRIDS)}, got {kind!r}.")
     t = sde.t_from_half_log_snr(lam)
@@ -86,26 +84,25 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
     return t.to(dtype)
 
 
+def _focus_cdf(v: Tensor, widths: tuple[float, float]) -> Tensor:
+    """The focus density's CDF from v = λ − λ_c = 0: w·gd(v/w), gd(v) = atan(sinh v) the Gudermannian,
+    with w = widths[0] on the noisy side (v < 0) and widths[1] on the data side."""
+    w = torch.full_like(v, widths[1]).masked_fill(v < 0, widths[0])
+    return w * torch.atan(torch.sinh(v / w))
+
+
 def _mix_with_edm(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
                   rho: float, coverage: float) -> Tensor:
     """steps + 1 values of λ for the density (1 − coverage)·focus + coverage·edm, by bisection on its CDF.
 
-    Both CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is the Gudermannian
-    of ``time_grid``, the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}. Their mixture is increasing, so
+    Both CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is ``_focus_cdf``, the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}. Their mixture is increasing, so
     60 bisections place each of the equally spaced levels to float64 precision.
     """
-    noisy, clean = widths
-
-    def focus_cdf(x: Tensor) -> Tensor:
-        v = x - lam_c
-        w = torch.where(v < 0, torch.full_like(v, noisy), torch.full_like(v, clean))
-        return w * torch.atan(torch.sinh(v / w))
-
-    lo_f, hi_f = (focus_cdf(torch.tensor([v], dtype=torch.float64)).item() for v in (lam_T, lam_eps))
+    lo_f, hi_f = _focus_cdf(torch.tensor([lam_T, lam_eps], dtype=torch.float64) - lam_c, widths).tolist()
     lo_e, hi_e = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)
 
     def cdf(x: Tensor) -> Tensor:
-        f = (focus_cdf(x) - lo_f) / (hi_f - lo_f)
+        f = (_focus_cdf(x - lam_c, widths) - lo_f) / (hi_f - lo_f)
         e = (lo_e - torch.exp(-x / rho)) / (lo_e - hi_e)
         return (1 - coverage) * f + coverage * e
 
