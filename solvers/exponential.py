@@ -33,7 +33,7 @@ from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
 
-__all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep"]
+__all__ = ["DDIM", "Multistep", "Heun", "AdaptiveMultistep", "step_orders", "integral_weights"]
 
 ORDERS = (1, 2, 3, 4)
 #: (most steps, highest order): over few long steps a high-order polynomial extrapolates a network's
@@ -48,6 +48,23 @@ def _phi_integrals(h: float, n: int) -> list[float]:
     for j in range(1, n):
         out.append(h**j - j * out[-1])
     return out
+
+
+def integral_weights(nodes: list[float], target: float) -> list[float]:
+    """Weights w_k with Σ_k w_k y_k the integral from nodes[0] to ``target`` of the polynomial through (nodes, y)."""
+    return _step_weights(nodes, target, "plain")
+
+
+def step_orders(steps: int, order: int, lower_order_final: bool, few_step_orders: bool) -> list[int]:
+    """The polynomial order of each step of a ``steps``-step multistep solve: ramped up 1, 2, .. from the first step,
+    capped by FEW_STEP_ORDERS at few steps, and ≤ 2 on the last step of a short solve (< 15 steps)."""
+    top = order
+    if few_step_orders:
+        top = min([top] + [cap for most, cap in FEW_STEP_ORDERS if steps <= most])
+    orders = [min(top, i + 1) for i in range(steps)]
+    if lower_order_final and steps < 15:
+        orders[-1] = min(orders[-1], 2)
+    return orders
 
 
 def _step_weights(nodes: list[float], target: float, variable: str) -> list[float]:
@@ -100,6 +117,10 @@ class _ExponentialState:
     def evaluate(self, x: Tensor, t: float) -> tuple[Tensor, float]:
         """The value the polynomial is fitted to at (x, t), and its node."""
         alpha, std, lam = self.coefficients(t)
+        return self.value(x, t, alpha, std), self.node(alpha, std, lam)
+
+    def value(self, x: Tensor, t: float, alpha: float, std: float) -> Tensor:
+        """x̂_0, ε̂ or F at (x, t) from one score evaluation (a function of x alone, for the likelihood's Jacobian)."""
         s = self.score(x, t * self.ones)
         if self.variable == "log_snr":
             value = (x + std**2 * s) / alpha
@@ -109,7 +130,17 @@ class _ExponentialState:
             sigma, sd = std / alpha, self.sigma_data
             x0 = (x + std**2 * s) / alpha
             value = (x0 - (sd**2 / (sigma**2 + sd**2)) * (x / alpha)) * (math.sqrt(sigma**2 + sd**2) / (sigma * sd))
-        return value, self.node(alpha, std, lam)
+        return value
+
+    def flow_coordinate(self, t: float) -> tuple[float, float]:
+        """(κ, c) with z = x/κ the coordinate the integral form is an ODE in, dz/dv = c(v)·value, and
+        ∇_z·(dz/dv) = c κ ∇_x·value: κ = s, c κ = α in λ; κ = α, c = 1 in σ; κ = α√(σ² + σ_d²), c = −1 in the angle."""
+        alpha, std, lam = self.coefficients(t)
+        if self.variable == "log_snr":
+            return std, math.exp(lam)
+        if self.variable == "sigma":
+            return alpha, 1.0
+        return alpha * math.hypot(std / alpha, self.sigma_data), -1.0
 
     def step(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor]) -> Tensor:
         """The exact flow from t_from to t_to of the polynomial through (nodes, values); nodes[0] is t_from's."""
@@ -164,21 +195,22 @@ class Multistep(Solver):
     Options = _MultistepOptions
     default_step_count = 20
 
+    def likelihood_options(self, steps: int | None) -> dict | None:
+        # The same integrator and order on the likelihood's ODE, over the likelihood's own grid (solvers/likelihood.py).
+        o = self.options
+        return {"method": "multistep", "steps": steps or self.default_step_count, "order": o.order,
+                "variable": o.variable, "corrector": o.corrector}
+
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         o = self.options
         ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
         n = len(ts) - 1
-        top = o.order
-        if o.few_step_orders:
-            top = min([top] + [cap for most, cap in FEW_STEP_ORDERS if n <= most])
-        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=top)
+        orders = step_orders(n, o.order, o.lower_order_final, o.few_step_orders)
+        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=max(orders))
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
-        for i in range(n):
-            order = min(top, i + 1)
-            if o.lower_order_final and n < 15 and i == n - 1:
-                order = min(order, 2)
+        for i, order in enumerate(orders):
             x_pred = state.step(x, ts[i], ts[i + 1], nodes[:order], values[:order])
             if i == n - 1:
                 return x_pred
@@ -229,6 +261,9 @@ class Heun(Multistep):
     def nfe_per_step(self) -> int | None:
         return 2
 
+    def likelihood_options(self, steps: int | None) -> dict | None:
+        return None
+
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         ts = solve_times(self.options, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
@@ -276,6 +311,9 @@ class AdaptiveMultistep(Multistep):
     max_evaluations = 10_000
 
     def nfe_per_step(self) -> int | None:
+        return None
+
+    def likelihood_options(self, steps: int | None) -> dict | None:
         return None
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,

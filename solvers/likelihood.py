@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torch.func import vjp, vmap
@@ -19,6 +19,8 @@ from torch.func import vjp, vmap
 from core_lib import build_options
 from sde_lib import SDE
 from solvers.base import CountedScore, ScoreFn, SolverError, TimeProgress, check_finite
+from solvers.exponential import ORDERS, _ExponentialState, integral_weights, step_orders
+from solvers.grids import GridKind, GridOptions, solve_times
 from solvers.noise import NoiseSource
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
 
@@ -50,10 +52,18 @@ class LikelihoodResult:
     seconds: float
 
 
+#: ``method="multistep"``: the ODE's own integral form (solvers/exponential.py) with the divergence on the same nodes
+MULTISTEP = "multistep"
+
+
 @dataclasses.dataclass
-class _LikelihoodOptions:
-    method: str = "dopri5"          # torchdiffeq method (adaptive, or fixed-grid with steps)
-    steps: int | None = None        # step count for fixed-grid methods (NFE known in advance)
+class _LikelihoodOptions(GridOptions):
+    method: str = "dopri5"          # torchdiffeq method (adaptive, or fixed-grid with steps), or "multistep"
+    steps: int | None = None        # step count for fixed-grid methods and multistep (NFE known in advance)
+    grid: Optional[GridKind] = None  # fixed-grid methods and multistep: the time grid; null: multistep's focus, else uniform t
+    order: int = 3                  # multistep: polynomial order (ramped up 1, 2, .. and capped at few steps)
+    variable: Literal["log_snr", "sigma", "angle"] = "angle"  # multistep: x̂_0 in λ, ε̂ in σ or F in the angle
+    corrector: bool = True          # multistep: re-fit through each new point (no extra NFE)
     probes: int = 1                 # Hutchinson probes K (divergence="hutchinson")
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int | None = None         # seed of the Hutchinson probes
@@ -68,7 +78,17 @@ class _LikelihoodOptions:
     def validate(self):
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise SolverError(f"steps must be a positive integer, got {self.steps!r}.")
-        check_method(self.method, self.steps)
+        if self.method == MULTISTEP:
+            if self.steps is None:
+                raise SolverError("method 'multistep' takes a fixed budget: give steps (NFE = steps + 1).")
+            if self.order not in ORDERS:
+                raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
+        else:
+            check_method(self.method, self.steps)
+        if self.grid is not None and self.method in ADAPTIVE_METHODS:
+            raise SolverError(f"grid={self.grid!r} needs a fixed budget (multistep or {', '.join(FIXED_METHODS)}); "
+                              f"the adaptive {self.method!r} chooses its own steps.")
+        GridOptions.validate(self)
         if self.method in FIXED_METHODS and self.steps is None:
             raise SolverError(f"method {self.method!r} is fixed-grid: give steps (the NFE is then known in advance), "
                               f"or use an adaptive method ({', '.join(ADAPTIVE_METHODS)}).")
@@ -120,6 +140,45 @@ def _divergence_hutchinson(drift_t: Callable[[Tensor], Tensor], x: Tensor, v: Te
     return out, (vjps * v).flatten(2).sum(-1)
 
 
+def _multistep_flow(sde: SDE, score: CountedScore, x: Tensor, eps: float, opts: _LikelihoodOptions,
+                    trace: Callable) -> tuple[Tensor, Tensor]:
+    """x_T and ∫ ∇·f̃ dt + the coordinate change, by the multistep integral form run from eps to T (docs/math.md §6.1).
+
+    In the solver's coordinate z = x/κ the PF-ODE is dz/dv = c(v)·y(x) with y = x̂_0, ε̂ or F (see
+    ``_ExponentialState.flow_coordinate``), so log p_x(x_eps) = log p_x(x_T) + D log(κ_T/κ_eps) + ∫ c κ ∇_x·y dv.
+    x steps as in sampling (predictor, evaluation, corrector); the divergence, measured at each evaluation
+    alongside y, is integrated by the polynomial through the step's start, the new point and the previous
+    ``order − 1`` points. ``steps`` steps cost steps + 1 evaluations, one at each grid time.
+    """
+    grid = dataclasses.replace(opts, grid=opts.grid or "focus")
+    ts = solve_times(grid, sde, eps, opts.steps, opts.steps, score.sigma_data).flip(0).tolist()
+    orders = step_orders(len(ts) - 1, opts.order, lower_order_final=False, few_step_orders=True)
+    state = _ExponentialState(sde, score, x, opts.variable, score.sigma_data, history=max(orders))
+
+    def evaluate(y: Tensor, t: float) -> tuple[Tensor, float, Tensor]:
+        alpha, std, lam = state.coefficients(t)
+        kappa, c = state.flow_coordinate(t)
+        with torch.enable_grad():
+            value, div = trace(lambda u: state.value(u, t, alpha, std), y)
+        return value.detach(), state.node(alpha, std, lam), (c * kappa) * div.detach()
+
+    value, node, div = evaluate(x, ts[0])
+    nodes, values, divs = [node], [value], [div]
+    delta = torch.zeros_like(div)
+    for i, order in enumerate(orders):
+        x_pred = state.step(x, ts[i], ts[i + 1], nodes[:order], values[:order])
+        value, new_node, div = evaluate(x_pred, ts[i + 1])
+        x = state.correct(x, ts[i], ts[i + 1], nodes, values, new_node, value, order) if opts.corrector else x_pred
+        # The divergence does not feed back into x: its integral always takes the new point too.
+        w = integral_weights([nodes[0], new_node, *nodes[1:order]], new_node)
+        for wk, dk in zip(w, [divs[0], div, *divs[1:order]]):
+            delta = delta + wk * dk
+        nodes, values = state.remember(nodes, values, new_node, value)
+        divs = [div, *divs][:state.history]
+    kappa_eps, kappa_T = state.flow_coordinate(ts[0])[0], state.flow_coordinate(ts[-1])[0]
+    return x, delta + x[0].numel() * math.log(kappa_T / kappa_eps)
+
+
 def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rtol: float = 1e-5, atol: float = 1e-5,
                    divergence: Literal["exact", "hutchinson"] = "exact", cond: dict | None = None,
                    **options) -> LikelihoodResult:
@@ -135,9 +194,11 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         rtol, atol: tolerances of adaptive methods.
         divergence: "exact" (D VJPs; right for small D) or "hutchinson" (``probes`` VJPs).
         cond: conditioning inputs passed to every score call (None: none).
-        **options: method, steps, probes, probe ("rademacher" | "gaussian"), seed, levels,
-            data_range, chunk, error_norm ("sample": rtol/atol hold for every sample; "batch"),
-            progress (a bar over t on stderr).
+        **options: method (a torchdiffeq method, or "multistep": the exponential integrator of
+            ``solver="multistep"`` with a fixed budget of steps + 1 evaluations), steps, grid options
+            (``solvers.grids.GridOptions``), order, variable, corrector (multistep), probes, probe
+            ("rademacher" | "gaussian"), seed, levels, data_range, chunk, error_norm ("sample": rtol/atol
+            hold for every sample; "batch"), progress (a bar over t on stderr).
 
     Returns:
         :class:`LikelihoodResult`: ``.logp`` in nats per sample, ``.bpd``, ``.z``, ``.nfe``.
@@ -154,16 +215,10 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         raise SolverError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}.")
     bar = TimeProgress(eps, sde.T, f"likelihood ({divergence})") if opts.progress else None
     score = CountedScore(score_fn, progress=bar, cond=cond)
-    drift = pf_ode_drift(sde, score)
-    ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
 
     if divergence == "exact":
-        def state_derivative(t, state):
-            with torch.enable_grad():
-                out, div = _divergence_exact(lambda y: drift(y, t * ones), state[0], opts.chunk)
-            # Detached: a model whose parameters require grad would otherwise chain every step's graph
-            # onto the next (4 GB after 20 NFE for a 3×256 MLP on 1000 points).
-            return out.detach(), div.detach()
+        def trace(f: Callable[[Tensor], Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+            return _divergence_exact(f, y, opts.chunk)
         n_est = 1
     else:
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
@@ -171,17 +226,30 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         if opts.probe == "rademacher":
             v = torch.sign(v)
 
-        def state_derivative(t, state):
-            with torch.enable_grad():
-                out, div = _divergence_hutchinson(lambda y: drift(y, t * ones), state[0], v)
-            return out.detach(), div.detach()
+        def trace(f: Callable[[Tensor], Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+            return _divergence_hutchinson(f, y, v)
         n_est = opts.probes
 
     start = time.perf_counter()
-    delta0 = x.new_zeros(n_est, x.shape[0])
     try:
-        z, delta = odeint_between(state_derivative, (x, delta0), eps, sde.T, opts.method, rtol, atol, opts.steps,
-                                  opts.error_norm)
+        if opts.method == MULTISTEP:
+            z, delta = _multistep_flow(sde, score, x, eps, opts, trace)
+        else:
+            drift = pf_ode_drift(sde, score)
+            ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+
+            def state_derivative(t, state):
+                with torch.enable_grad():
+                    out, div = trace(lambda y: drift(y, t * ones), state[0])
+                # Detached: a model whose parameters require grad would otherwise chain every step's graph
+                # onto the next (4 GB after 20 NFE for a 3×256 MLP on 1000 points).
+                return out.detach(), div.detach()
+
+            grid = None
+            if opts.grid is not None:
+                grid = solve_times(opts, sde, eps, opts.steps, opts.steps, score.sigma_data).flip(0)
+            z, delta = odeint_between(state_derivative, (x, x.new_zeros(n_est, x.shape[0])), eps, sde.T,
+                                      opts.method, rtol, atol, opts.steps, opts.error_norm, grid=grid)
     finally:
         if bar is not None:
             bar.close()
