@@ -56,7 +56,7 @@ class LikelihoodConfig:
         require(self.steps is None or self.steps >= 1, "likelihood.steps", self.steps, "must be a positive integer")
         require(self.method in ADAPTIVE_METHODS or self.steps is not None, "likelihood.steps", self.steps,
                 f"must be given for the fixed-budget method {self.method} (its NFE is then known in advance)")
-        require(self.method in FIXED_METHODS or self.steps is None, "likelihood.steps", self.steps,
+        require(self.method not in ADAPTIVE_METHODS or self.steps is None, "likelihood.steps", self.steps,
                 f"must be null for the adaptive method {self.method} (rtol/atol set its steps)")
 
     def solver_options(self) -> dict[str, Any]:

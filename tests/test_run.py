@@ -206,6 +206,8 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
     (["task=train", "task.steps=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     (["task=train", "ckpt=exact"], "error: ckpt=exact does not apply to task=train"),
     (["dtype=float16"], "error: dtype must be float32 or float64, got 'float16'"),
+    (["likelihood.method=multistep"],
+     "error: likelihood.steps: must be given for the fixed-budget method multistep"),
     (["data=array", "data.path=/nonexistent.npy", "ckpt=exact"], "/nonexistent.npy"),
 ])
 def test_cli_bad_input_fails_clearly_and_writes_no_result(tmp_path, args, message):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import solvers
+from core_lib import UserError
+from evaluation import LikelihoodConfig
 from models import GaussianMixture, MixtureScore, random_mixture, ring_mixture
 from sde_lib import SDES, VESDE, VPSDE
 
@@ -223,3 +225,13 @@ def test_multistep_sampler_and_likelihood_share_their_integrator():
     options = solver.likelihood_options(12)
     assert options == {"method": "multistep", "steps": 12, "order": 2, "variable": "angle", "corrector": False}
     assert solvers.get_solver("heun")().likelihood_options(12) is None
+
+
+def test_the_likelihood_settings_take_the_multistep_budget():
+    """``likelihood.method=multistep likelihood.steps=n`` passes the checks of every task and reaches the solver."""
+    config = LikelihoodConfig(method="multistep", steps=39)
+    config.validate()
+    assert config.solver_options()["method"] == "multistep" and config.solver_options()["steps"] == 39
+    for bad in (LikelihoodConfig(method="multistep"), LikelihoodConfig(method="dopri5", steps=10)):
+        with pytest.raises(UserError, match="likelihood.steps"):
+            bad.validate()
