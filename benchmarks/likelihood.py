@@ -1,7 +1,7 @@
 """The likelihood budget table: NFE → |error| of the fixed-budget multistep likelihood and of dopri5 (issue 14).
 
-1. **Exact divergence.** On the exact ring and 16-D mixture (VP, sub-VP, VE) and on the three shipped ring
-   networks, 1000 held-out points each (float64, eps = 1e-5 as in ``task=likelihood``), every method's
+1. **Exact divergence.** On the exact ring and 16-D mixture (VP, sub-VP, VE; 1000 points) and on the three
+   shipped ring networks (200 points) (float64, eps = 1e-5 as in ``task=likelihood``), every method's
    per-point log p is compared with a tight reference: dopri8 at rtol = atol = 1e-9 with the exact
    divergence (on the exact problems it matches the closed form to 1e-10). Rows: ``method=multistep`` at
    10–120 NFE, dopri5 at rtol = atol 1e-3, 1e-4, 1e-5 (the default); columns: mean, median, 90th
@@ -12,9 +12,13 @@
    and on a digits U-Net when a checkpoint is given (``--digits PATH``, e.g. one trained by
    ``python run.py experiment=digits``; 64 dimensions).
 
-Writes benchmarks/results/likelihood.md (``--only hutchinson``: likelihood_hutchinson.md). From the repository root::
+Writes benchmarks/results/likelihood.md (``--only hutchinson``: likelihood_hutchinson.md; ``--problems P``:
+likelihood_P.md). From the repository root::
 
-    python benchmarks/likelihood.py [--digits outputs/.../checkpoints/last.pt]    # about 25 minutes on 2 cores
+    python benchmarks/likelihood.py [--digits outputs/.../checkpoints/last.pt]
+
+On 2 shared cores the exact problems took about 25 minutes and the networks 13. The digits rows run the U-Net in
+float64 and did not finish in 30 minutes.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from sde_lib import SDES  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
 
 N_POINTS = 1000
+N_NETWORK = 200       # the networks' float64 reference (dopri8, ~2500 NFE of exact divergences) is the slow part
 EPS = 1e-5
 MULTISTEP_STEPS = (9, 19, 29, 39, 59, 79, 119)      # NFE = steps + 1
 DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
@@ -53,7 +58,7 @@ def problems():
         for name in sde_names:
             sde = SDES[name]()
             yield f"{label}, exact, {name}", sde, MixtureScore(sde, mixture), x
-    x, _ = ring_mixture().sample(N_POINTS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, _ = ring_mixture().sample(N_NETWORK, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for name in ("vp", "subvp", "ve"):
         model = load_checkpoint(pretrained_path("ring", name))
         yield f"ring_{name}.pt", model.sde, model.score_fn.double(), x
@@ -65,11 +70,13 @@ def error_row(label: str, nfe: int, seconds: float, logp: torch.Tensor, referenc
     return (f"| {label} | {nfe} | {seconds:.2f} | {e.mean():.1e} | {q[0]:.1e} | {q[1]:.1e} | {e.max():.1e} |")
 
 
-def budget_table(lines: list[str]) -> None:
+def budget_table(lines: list[str], only: str | None = None) -> None:
     lines += ["## 1. Budget → |error| (nats per point), exact divergence", ""]
     for label, sde, score, x in problems():
+        if only is not None and not label.startswith(only):
+            continue
         reference = solvers.log_likelihood(sde, score, x, eps=EPS, method="dopri8", rtol=1e-9, atol=1e-9)
-        lines += [f"### {label} (reference: dopri8 1e-9, {reference.nfe} NFE)", "",
+        lines += [f"### {label}: {len(x)} points (reference: dopri8 1e-9, {reference.nfe} NFE)", "",
                   "| method | NFE | seconds | mean | median | 90 % | max |", "|---|---|---|---|---|---|---|"]
         for steps in MULTISTEP_STEPS:
             r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps)
@@ -134,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits", help="a digits checkpoint for the Hutchinson rows (python run.py experiment=digits)")
     parser.add_argument("--only", choices=("budget", "hutchinson"), help="run one part")
+    parser.add_argument("--problems", help="budget table: only the problems whose label starts with this (e.g. ring_)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -141,11 +149,13 @@ def main() -> None:
              f"`python benchmarks/likelihood.py{' --digits ' + args.digits if args.digits else ''}` "
              f"on {datetime.date.today()}, 2 CPU cores, float64, {N_POINTS} points, eps = {EPS:g}.", ""]
     if args.only != "hutchinson":
-        budget_table(lines)
+        budget_table(lines, args.problems)
     if args.only != "budget":
         hutchinson_table(lines, args.digits)
     lines.append(f"Total {time.perf_counter() - start:.0f} s.")
     out = OUT.with_name("likelihood_hutchinson.md") if args.only == "hutchinson" else OUT
+    if args.problems:
+        out = OUT.with_name(f"likelihood_{args.problems.strip('_ ,')}.md")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 
