@@ -100,6 +100,9 @@ def _prepare(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops a run as Ctrl-C does
+    # and SIGINT always does: a run started in the background by a script inherits SIGINT ignored (POSIX
+    # shells do that to asynchronous commands), and `kill -INT` would then be lost
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         metrics = run_task(cfg, out, overridden_keys(HydraConfig.get().overrides.task))
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback

@@ -225,12 +225,19 @@ def test_the_divergence_guard_can_warn_instead(tmp_path, monkeypatch, capsys):
 
 # ---- interrupts --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_training_says_where_its_last_checkpoint_is(tmp_path, sig):
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,start", [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-inherited-ignored"])
+def test_an_interrupted_training_says_where_its_last_checkpoint_is(tmp_path, sig, start):
+    """``start`` runs in the child before run.py: a shell starts background jobs with SIGINT ignored."""
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "run.py"), *TRAIN, "task.steps=100000", "task.ckpt_every=20",
             f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=start)
     deadline = time.time() + 90
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
