@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import solvers
+from core_lib.errors import UserError
 from sde_lib import SDE
 from tasks_lib import compose, resolve_model
 from tasks_lib.model_source import PRETRAINED_DIR
@@ -86,7 +87,16 @@ def test_pretrained_models_ship_for_every_sde_on_the_ring():
         model = resolve_model(compose(f"sde={sde}"), set(), torch.device("cpu"))
         assert model.source == "pretrained" and model.data.name == "ring"
         assert type(model.sde).__name__ == {"vp": "VPSDE", "subvp": "subVPSDE", "ve": "VESDE"}[sde]
-    assert sorted(p.name for p in PRETRAINED_DIR.glob("*.pt")) == ["ring_subvp.pt", "ring_ve.pt", "ring_vp.pt"]
+    assert sorted(p.name for p in PRETRAINED_DIR.glob("*.pt")) == ["digits_vp.pt", "ring_subvp.pt", "ring_ve.pt",
+                                                                   "ring_vp.pt"]
+
+
+def test_a_pretrained_unet_ships_for_digits():
+    model = resolve_model(compose("data=digits"), {"data"}, torch.device("cpu"))
+    assert model.source == "pretrained" and model.data.name == "digits"
+    assert type(model.sde).__name__ == "VPSDE" and model.data.event_shape == (1, 8, 8)
+    with pytest.raises(UserError, match="no pretrained model for data=digits with sde=ve"):
+        resolve_model(compose("data=digits", "sde=ve"), {"data", "sde"}, torch.device("cpu"))
 
 
 def test_a_checkpoint_yields_only_to_agreeing_overrides():
