@@ -9,8 +9,8 @@
 2. **Hutchinson.** The standard error of log p against the probe count K and its cost: the K probes share
    one forward pass per evaluation (one VJP each, vectorised), so K = 16 costs far less than 16 solves. On
    the 16-D mixture (where the exact divergence is the reference, so the estimate's bias is measured too)
-   and on a digits U-Net when a checkpoint is given (``--digits PATH``, e.g. one trained by
-   ``python run.py experiment=digits``; 64 dimensions).
+   and on the shipped digits U-Net (``models/pretrained/digits_vp.pt``, or ``--digits PATH``; 64 dimensions,
+   float32, the first DIGITS_POINTS test points).
 
 Writes benchmarks/results/likelihood.md (``--only hutchinson``: likelihood_hutchinson.md; ``--problems P``:
 likelihood_P.md). From the repository root::
@@ -18,7 +18,7 @@ likelihood_P.md). From the repository root::
     python benchmarks/likelihood.py [--digits outputs/.../checkpoints/last.pt]
 
 On 2 shared cores the exact problems took about 25 minutes and the networks 13. The digits rows run the U-Net in
-float64 and did not finish in 30 minutes.
+float32 (in float64 they did not finish in 30 minutes).
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ EPS = 1e-5
 MULTISTEP_STEPS = (9, 19, 29, 39, 59, 79, 119)      # NFE = steps + 1
 DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
 PROBES = (1, 4, 16)
+DIGITS_POINTS = 100
 OUT = ROOT / "benchmarks" / "results" / "likelihood.md"
 
 
@@ -126,20 +127,20 @@ def hutchinson_table(lines: list[str], digits: str | None) -> None:
     exact = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=79)
     lines += [f"Exact divergence on the same path: {exact.seconds:.2f} s (16 VJPs per evaluation).", ""]
     hutchinson_rows(lines, "16-D, exact, vp", sde, score, x, exact.logp, 79)
-    if digits is None:
-        lines += ["Digits: not run (give `--digits PATH` to a digits checkpoint).", ""]
-        return
-    model = load_checkpoint(digits)
+    path = digits or pretrained_path("digits", "vp")
+    model = load_checkpoint(path)
     data = load_dataset("digits")
-    points = scored_points(data, data.test.double(), seed=0)
+    points = scored_points(data, data.test[:DIGITS_POINTS].float(), seed=0)
     levels = f"{data.levels} levels"
-    lines += [f"Digits U-Net `{digits}` ({len(points)} test points, 64 dimensions, dequantised from {levels}).", ""]
-    hutchinson_rows(lines, "digits", model.sde, model.score_fn.double(), points, None, 79)
+    shown = path if digits else pathlib.Path(path).relative_to(ROOT)
+    lines += [f"Digits U-Net `{shown}` (the first {len(points)} test points, 64 dimensions, dequantised from "
+              f"{levels}; float32).", ""]
+    hutchinson_rows(lines, "digits", model.sde, model.score_fn, points, None, 79)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--digits", help="a digits checkpoint for the Hutchinson rows (python run.py experiment=digits)")
+    parser.add_argument("--digits", help="a digits checkpoint for the Hutchinson rows (default: the shipped digits_vp.pt)")
     parser.add_argument("--only", choices=("budget", "hutchinson"), help="run one part")
     parser.add_argument("--problems", help="budget table: only the problems whose label starts with this (e.g. ring_)")
     args = parser.parse_args()
