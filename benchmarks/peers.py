@@ -11,13 +11,15 @@ The error is the RMS over samples of the distance to the problem's own exact flo
 rtol = atol = 1e-10, float64); for a network that is the flow of the network's own denoiser.
 
 Problems: the 2-D ring of 8 Gaussians and the 16-D mixture (exact scores), each over EDM's span
-σ 80 → 0.002 and over the VP SDE's span σ(1) ≈ 152 → σ(1e-3) ≈ 0.0105; and the shipped networks
-``models/pretrained/ring_{vp,subvp,ve}.pt`` over their SDE's span (float64).
+σ 80 → 0.002 and over the VP SDE's span σ(1) ≈ 152 → σ(1e-3) ≈ 0.0105; the shipped networks
+``models/pretrained/ring_{vp,subvp,ve}.pt`` over their SDE's span (float64); and the shipped digits U-Net
+``digits_vp.pt`` (float32, 64 samples, its flow to rtol 1e-6, against the peer settings that won a cell of
+the problems before it: a float64 sweep of every setting would take hours on 2 cores).
 
 The peers' sweep (~220 settings per cell) is ranked on the first 128 samples and its best 8 settings
 are run on all samples (``best_peer_screened``); the cells are written after every problem.
 
-Writes ``benchmarks/results/peers.md`` and ``peers.png``. From the repository root, with the peers
+Writes ``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every cell as data). From the repository root, with the peers
 installed (README, "Benchmarks")::
 
     python benchmarks/peers.py                 # every problem
@@ -26,6 +28,7 @@ installed (README, "Benchmarks")::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import sys
@@ -38,11 +41,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import solvers  # noqa: E402
-from benchmarks.peer_samplers import (SigmaProblem, best_peer, peer_settings, reference_flow,  # noqa: E402
-                                      rms_distance, scored_run)
+from benchmarks.peer_samplers import (PeerSetting, SigmaProblem, best_peer, peer_settings,  # noqa: E402
+                                      reference_flow, rms_distance, scored_run)
 from models import MixtureScore, random_mixture, ring_mixture  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from sde_lib import SDE, VESDE, VPSDE  # noqa: E402
+from solvers.base import resolve_sigma_data  # noqa: E402
 from solvers.grids import half_log_snr_at  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
 
@@ -51,11 +55,14 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 BUDGETS = (5, 6, 8, 10, 12, 15, 20, 25, 30, 50, 100)
 N_EXACT = 2000
 N_NETWORK = 1000
+N_DIGITS = 64
 #: the peers' sweep is screened on this many samples; the best SHORTLIST settings are then run on all
 SCREEN = 128
 SHORTLIST = 8
 #: the goal: our error at most half the best peer's in every cell
 GOAL = 0.5
+#: (σ_max, σ_min) of each problem run, for the table's header
+SPANS: dict[str, tuple[float, float]] = {}
 
 
 @dataclasses.dataclass
@@ -66,6 +73,13 @@ class Posed:
     sde: SDE
     score: object
     eps: float
+    #: the exact flow's tolerance (dopri8); looser for a float32 network, whose rounding a tighter one would chase
+    reference_rtol: float = 1e-10
+    #: the peers' sweep: None screens every setting; a network too slow for that (the digits U-Net) screens the
+    #: settings that were best in some cell of the problems before it
+    winners_only: bool = False
+    #: the network's precision (the solver state stays float64, as the peers')
+    dtype: torch.dtype = F64
 
     def alpha(self, t: float) -> float:
         return float(self.sde.log_mean_coeff(torch.tensor(t, dtype=F64)).exp())
@@ -73,23 +87,32 @@ class Posed:
     def ours(self, budget: int, **options) -> tuple[torch.Tensor, int]:
         """x̃ at σ_min from our ``multistep`` at ``budget`` steps, and its NFE."""
         z = self.alpha(self.sde.T) * self.problem.x_start
-        out = solvers.sample(self.sde, self.score, z=z, solver="multistep", steps=budget, eps=self.eps, **options)
+        net, dtype = self.score, self.dtype
+
+        def score(x, t):
+            return net(x.to(dtype), t.to(dtype)).to(F64)
+
+        out = solvers.sample(self.sde, score if dtype != F64 else net, z=z, solver="multistep", steps=budget, eps=self.eps,
+                             sigma_data=resolve_sigma_data(self.score, None), **options)
         return out.samples / self.alpha(self.eps), out.nfe
 
 
-def pose(name: str, sde: SDE, score, eps: float, n: int, dim: int, seed: int = 0) -> Posed:
-    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score."""
+def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
+         dtype: torch.dtype = F64, **options) -> Posed:
+    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``)."""
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = sde.t_from_half_log_snr(-sigma.log())
-        alpha = sde.log_mean_coeff(t).exp()[:, None]
-        std = sde.marginal_std(t)[:, None]
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        alpha = sde.log_mean_coeff(t).exp().view(shape)
+        std = sde.marginal_std(t).view(shape)
         xt = alpha * x
-        return (xt + std**2 * score(xt, t)) / alpha
+        return (xt + std**2 * score(xt.to(dtype), t.to(dtype)).to(F64)) / alpha
 
     sigma_max, sigma_min = (math.exp(-half_log_snr_at(sde, t)) for t in (sde.T, eps))   # σ = e^(−λ)
-    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde, score, eps)
+    z = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde, score, eps, dtype=dtype,
+                 **options)
 
 
 def problems() -> list[Posed]:
@@ -98,23 +121,30 @@ def problems() -> list[Posed]:
     edm = VESDE(sigma_min=0.001, sigma_max=80.0)
     edm_eps = math.log(2) / math.log(80_000)
     for label, mixture in (("ring", ring_mixture()), ("16-D", random_mixture())):
-        out.append(pose(f"{label}, σ 80 → 0.002", edm, MixtureScore(edm, mixture), edm_eps, N_EXACT, mixture.dim))
+        out.append(pose(f"{label}, σ 80 → 0.002", edm, MixtureScore(edm, mixture), edm_eps, N_EXACT,
+                        (mixture.dim,)))
         vp = VPSDE()
-        out.append(pose(f"{label}, VP span", vp, MixtureScore(vp, mixture), 1e-3, N_EXACT, mixture.dim))
+        out.append(pose(f"{label}, VP span", vp, MixtureScore(vp, mixture), 1e-3, N_EXACT, (mixture.dim,)))
     for name in ("vp", "subvp", "ve"):
         model = load_checkpoint(pretrained_path("ring", name))
         score = model.score_fn.double()
-        out.append(pose(f"ring_{name}.pt", model.sde, score, model.sde.default_eps, N_NETWORK, 2))
+        out.append(pose(f"ring_{name}.pt", model.sde, score, model.sde.default_eps, N_NETWORK, (2,)))
+    # The digits U-Net costs ~0.6 s per float64 evaluation of 128 samples on one core: it runs in float32
+    # (its flow to rtol 1e-6, far below the errors measured) on fewer samples, against the winning peers.
+    model = load_checkpoint(pretrained_path("digits", "vp"))
+    out.append(pose("digits_vp.pt (U-Net, float32)", model.sde, model.score_fn, model.sde.default_eps, N_DIGITS,
+                    model.event_shape, dtype=torch.float32, reference_rtol=1e-6, winners_only=True))
     return out
 
 
-def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, reference: torch.Tensor):
-    """``best_peer`` over every setting, ranked first on ``sub``, the first SCREEN samples (a network in
+def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, reference: torch.Tensor,
+                       settings: list[PeerSetting]):
+    """``best_peer`` over ``settings``, ranked first on ``sub``, the first SCREEN samples (a network in
     float64 costs ~50 ms per evaluation of 1000 points, and the sweep has ~220 settings), then the best
     SHORTLIST of them run on all samples. (error, setting, NFE) on all samples. ``sub`` is made once per
     problem, so that dpm_adaptive's tolerance sweep, cached per problem object, runs once."""
     ranked = []
-    for setting in peer_settings():
+    for setting in settings:
         try:
             ranked.append((scored_run(setting, sub, budget, reference[:SCREEN])[0], setting))
         except Exception:  # too small a budget for it, or a failure: best_peer below skips it the same way
@@ -123,27 +153,38 @@ def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, re
     return best_peer(problem, budget, reference, settings=shortlist)
 
 
-def run(posed: Posed) -> dict:
+def winning_settings(results: dict) -> list[PeerSetting]:
+    """The peer settings that were best in some cell of ``results`` (this run's, else the stored peers.json)."""
+    if not results and (RESULTS / "peers.json").is_file():
+        results = json.loads((RESULTS / "peers.json").read_text())["cells"]
+    labels = {row[2] for rows in results.values() for row in rows.values()}
+    chosen = [s for s in peer_settings() if s.label in labels]
+    return chosen or peer_settings()
+
+
+def run(posed: Posed, results: dict) -> dict:
     """Per budget: our error, the best peer's error, its setting, and the ratio."""
     start = time.perf_counter()
-    reference = reference_flow(posed.problem)
+    reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
     sub = dataclasses.replace(posed.problem, x_start=posed.problem.x_start[:SCREEN])
+    settings = winning_settings(results) if posed.winners_only else peer_settings()
+    SPANS[posed.problem.name] = (posed.problem.sigma_max, posed.problem.sigma_min)
     rows = {}
     for budget in BUDGETS:
         ours, nfe = posed.ours(budget)
         assert nfe == budget, (nfe, budget)
         err = rms_distance(ours, reference)
-        peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference)
+        peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference, settings)
         rows[budget] = (err, peer_err, setting.label, peer_nfe)
         print(f"  {posed.problem.name} {budget:3d} NFE: ours {err:.2e}  best peer {peer_err:.2e} "
               f"({setting.label}, {peer_nfe} NFE)  ratio {err / peer_err:.2f}", flush=True)
-    print(f"  {posed.problem.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"  {posed.problem.name}: {time.perf_counter() - start:.0f} s ({len(settings)} peer settings)", flush=True)
     return rows
 
 
 def convergence_slope(posed: Posed, steps=(100, 200, 400, 800)) -> tuple[list[float], float]:
     """Our default's error at growing steps on the problem's flow, and the log-log slope over the last two."""
-    reference = reference_flow(posed.problem)
+    reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
     errs = [rms_distance(posed.ours(n)[0], reference) for n in steps]
     return errs, -math.log(errs[-1] / errs[-2]) / math.log(steps[-1] / steps[-2])
 
@@ -152,7 +193,7 @@ def main() -> None:
     chosen = [p for p in problems() if not sys.argv[1:] or any(p.problem.name.startswith(a) for a in sys.argv[1:])]
     results = {}
     for posed in chosen:
-        results[posed.problem.name] = run(posed)
+        results[posed.problem.name] = run(posed, results)
         write(results, [])       # after every problem, so that a stopped run keeps what it measured
     slopes = []
     for p in chosen:
@@ -177,15 +218,21 @@ def write(results: dict, slope_rows: list[str]) -> None:
     slopes = ["| problem | " + " | ".join(f"{n} steps" for n in (100, 200, 400, 800)) + " | slope |",
               "|---|---|---|---|---|---|"] + (slope_rows or ["| (not measured in this run) |"])
     worst = max(rows[b][0] / rows[b][1] for rows in results.values() for b in BUDGETS)
+    spans = "; ".join(f"{name}: σ {hi:.3g} → {lo:.3g}" for name, (hi, lo) in SPANS.items() if name in results)
     text = (f"# Our default sampler against the peers, side by side\n\n`python benchmarks/peers.py`; torch "
             f"{torch.__version__}. Problems posed in σ-space (docs/math.md §9); errors are RMS distances to each "
-            f"problem's exact flow (dopri8 in log σ at 1e-10, float64); exact problems {N_EXACT} samples, "
-            f"networks {N_NETWORK}. Peers at their best setting per cell (`benchmarks/peer_samplers.py`).\n\n"
+            f"problem's exact flow (dopri8 in log σ at 1e-10, float64); exact problems {N_EXACT} samples, ring "
+            f"networks {N_NETWORK}; the digits U-Net {N_DIGITS} samples in float32, its flow at rtol 1e-6, against "
+            f"the peer settings that won a cell of the other problems. Peers at their best setting per cell "
+            f"(`benchmarks/peer_samplers.py`). Spans: {spans}.\n\n"
             f"## Ratio: our default `multistep` ÷ the best peer (goal ≤ {GOAL}; worst cell {worst:.2f})\n\n"
             + "\n".join(ratio) + "\n\n## Every cell\n\n" + "\n".join(detail)
             + "\n\n## Convergence of the default on the shipped networks (their own flow)\n\n" + "\n".join(slopes) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peers.md").write_text(text)
+    # the cells as data: (ours, best peer, its setting, its NFE) per problem and budget
+    cells = {name: {str(b): list(row) for b, row in rows.items()} for name, rows in results.items()}
+    (RESULTS / "peers.json").write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], results.items()):
         ax.loglog(BUDGETS, [rows[b][0] for b in BUDGETS], "o-", label="ours (multistep, defaults)")
