@@ -19,8 +19,8 @@ the problems before it: a float64 sweep of every setting would take hours on 2 c
 The peers' sweep (~220 settings per cell) is ranked on the first 128 samples and its best 8 settings
 are run on all samples (``best_peer_screened``); the cells are written after every problem.
 
-Writes ``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every cell as data). From the repository root, with the peers
-installed (README, "Benchmarks")::
+Writes ``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every cell as data). From the
+repository root, with the peers installed (README, "Benchmarks")::
 
     python benchmarks/peers.py                 # every problem
     python benchmarks/peers.py ring_ve.pt      # problems whose name starts with the argument
@@ -75,8 +75,8 @@ class Posed:
     eps: float
     #: the exact flow's tolerance (dopri8); looser for a float32 network, whose rounding a tighter one would chase
     reference_rtol: float = 1e-10
-    #: the peers' sweep: None screens every setting; a network too slow for that (the digits U-Net) screens the
-    #: settings that were best in some cell of the problems before it
+    #: the peers' sweep: False screens every setting; True, for a network too slow for that (the digits U-Net),
+    #: screens only the settings that were best in some cell of the problems before it
     winners_only: bool = False
     #: the network's precision (the solver state stays float64, as the peers')
     dtype: torch.dtype = F64
@@ -92,8 +92,8 @@ class Posed:
         def score(x, t):
             return net(x.to(dtype), t.to(dtype)).to(F64)
 
-        out = solvers.sample(self.sde, score if dtype != F64 else net, z=z, solver="multistep", steps=budget, eps=self.eps,
-                             sigma_data=resolve_sigma_data(self.score, None), **options)
+        out = solvers.sample(self.sde, score if dtype != F64 else net, z=z, solver="multistep", steps=budget,
+                             eps=self.eps, sigma_data=resolve_sigma_data(self.score, None), **options)
         return out.samples / self.alpha(self.eps), out.nfe
 
 
