@@ -140,7 +140,8 @@ def hutchinson_table(lines: list[str], digits: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--digits", help="a digits checkpoint for the Hutchinson rows (default: the shipped digits_vp.pt)")
+    parser.add_argument("--digits",
+                        help="a digits checkpoint for the Hutchinson rows (default: the shipped digits_vp.pt)")
     parser.add_argument("--only", choices=("budget", "hutchinson"), help="run one part")
     parser.add_argument("--problems", help="budget table: only the problems whose label starts with this (e.g. ring_)")
     args = parser.parse_args()
