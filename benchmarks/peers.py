@@ -61,8 +61,6 @@ SCREEN = 128
 SHORTLIST = 8
 #: the goal: our error at most half the best peer's in every cell
 GOAL = 0.5
-#: (σ_max, σ_min) of each problem run, for the table's header
-SPANS: dict[str, tuple[float, float]] = {}
 
 
 @dataclasses.dataclass
@@ -78,8 +76,8 @@ class Posed:
     #: the peers' sweep: False screens every setting; True, for a network too slow for that (the digits U-Net),
     #: screens only the settings that were best in some cell of the problems before it
     winners_only: bool = False
-    #: the network's precision (the solver state stays float64, as the peers')
-    dtype: torch.dtype = F64
+    #: the data scale the solve assumes, the model's own (``score`` may be a float32 network behind a cast)
+    sigma_data: float = 1.0
 
     def alpha(self, t: float) -> float:
         return float(self.sde.log_mean_coeff(torch.tensor(t, dtype=F64)).exp())
@@ -87,19 +85,18 @@ class Posed:
     def ours(self, budget: int, **options) -> tuple[torch.Tensor, int]:
         """x̃ at σ_min from our ``multistep`` at ``budget`` steps, and its NFE."""
         z = self.alpha(self.sde.T) * self.problem.x_start
-        net, dtype = self.score, self.dtype
-
-        def score(x, t):
-            return net(x.to(dtype), t.to(dtype)).to(F64)
-
-        out = solvers.sample(self.sde, score if dtype != F64 else net, z=z, solver="multistep", steps=budget,
-                             eps=self.eps, sigma_data=resolve_sigma_data(self.score, None), **options)
+        out = solvers.sample(self.sde, self.score, z=z, solver="multistep", steps=budget, eps=self.eps,
+                             sigma_data=self.sigma_data, **options)
         return out.samples / self.alpha(self.eps), out.nfe
 
 
 def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
          dtype: torch.dtype = F64, **options) -> Posed:
-    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``)."""
+    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``;
+    the solvers' state stays float64, ours as the peers')."""
+
+    def cast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return score(x.to(dtype), t.to(dtype)).to(F64)
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = sde.t_from_half_log_snr(-sigma.log())
@@ -107,12 +104,12 @@ def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...],
         alpha = sde.log_mean_coeff(t).exp().view(shape)
         std = sde.marginal_std(t).view(shape)
         xt = alpha * x
-        return (xt + std**2 * score(xt.to(dtype), t.to(dtype)).to(F64)) / alpha
+        return (xt + std**2 * cast(xt, t)) / alpha
 
     sigma_max, sigma_min = (math.exp(-half_log_snr_at(sde, t)) for t in (sde.T, eps))   # σ = e^(−λ)
     z = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde, score, eps, dtype=dtype,
-                 **options)
+    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde,
+                 score if dtype == F64 else cast, eps, sigma_data=resolve_sigma_data(score, None), **options)
 
 
 def problems() -> list[Posed]:
@@ -168,7 +165,6 @@ def run(posed: Posed, results: dict) -> dict:
     reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
     sub = dataclasses.replace(posed.problem, x_start=posed.problem.x_start[:SCREEN])
     settings = winning_settings(results) if posed.winners_only else peer_settings()
-    SPANS[posed.problem.name] = (posed.problem.sigma_max, posed.problem.sigma_min)
     rows = {}
     for budget in BUDGETS:
         ours, nfe = posed.ours(budget)
@@ -194,19 +190,19 @@ def main() -> None:
     results = {}
     for posed in chosen:
         results[posed.problem.name] = run(posed, results)
-        write(results, [])       # after every problem, so that a stopped run keeps what it measured
+        write(results, [], chosen)       # after every problem, so that a stopped run keeps what it measured
     slopes = []
     for p in chosen:
         if p.problem.name.endswith(".pt"):
             errs, slope = convergence_slope(p)
             slopes.append(f"| {p.problem.name} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {slope:.2f} |")
             print(slopes[-1], flush=True)
-    write(results, slopes)
+    write(results, slopes, chosen)
     print(f"written to {RESULTS / 'peers.md'}")
 
 
-def write(results: dict, slope_rows: list[str]) -> None:
-    """peers.md (ratios, every cell, the networks' convergence slopes) and peers.png."""
+def write(results: dict, slope_rows: list[str], posed: list[Posed]) -> None:
+    """peers.md (ratios, every cell, the networks' convergence slopes; the spans of ``posed``), peers.png, peers.json."""
     head = "| problem | " + " | ".join(str(b) for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS)
     ratio = [head] + [f"| {name} | " + " | ".join(f"{rows[b][0] / rows[b][1]:.2f}" for b in BUDGETS) + " |"
                       for name, rows in results.items()]
@@ -218,7 +214,8 @@ def write(results: dict, slope_rows: list[str]) -> None:
     slopes = ["| problem | " + " | ".join(f"{n} steps" for n in (100, 200, 400, 800)) + " | slope |",
               "|---|---|---|---|---|---|"] + (slope_rows or ["| (not measured in this run) |"])
     worst = max(rows[b][0] / rows[b][1] for rows in results.values() for b in BUDGETS)
-    spans = "; ".join(f"{name}: σ {hi:.3g} → {lo:.3g}" for name, (hi, lo) in SPANS.items() if name in results)
+    spans = "; ".join(f"{p.problem.name}: σ {p.problem.sigma_max:.3g} → {p.problem.sigma_min:.3g}"
+                      for p in posed if p.problem.name in results)
     text = (f"# Our default sampler against the peers, side by side\n\n`python benchmarks/peers.py`; torch "
             f"{torch.__version__}. Problems posed in σ-space (docs/math.md §9); errors are RMS distances to each "
             f"problem's exact flow (dopri8 in log σ at 1e-10, float64); exact problems {N_EXACT} samples, ring "

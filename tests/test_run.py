@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import solvers
-from core_lib.errors import UserError
+from core_lib import UserError
 from sde_lib import SDE
 from tasks_lib import compose, resolve_model
 from tasks_lib.model_source import PRETRAINED_DIR
