@@ -6,9 +6,11 @@ the ODE log-likelihood of held-out data, ``task=compare`` runs several samplers 
 budgets side by side, ``task=train`` trains a score model. The model is the shipped pretrained one
 (``ckpt=pretrained``), the data's exact score (``ckpt=exact``) or a checkpoint (``ckpt=PATH``).
 
-Before hydra starts, the overrides are composed once (a misspelt key or a wrong type is one
-``error:`` line, exit code 2) and the run directory is claimed (refused, before anything is
-written, when it holds a finished run or another run's lock).
+Before hydra starts, the overrides are composed and checked once (a misspelt key, a wrong type or
+a value out of range is one ``error:`` line, exit code 2) and the run directory is claimed (refused,
+before anything is written, when it holds a finished run or another run's lock). Under ``torchrun``
+every rank does the same, rank 0 alone claims and writes the directory, and errors every rank meets
+are printed once.
 """
 from __future__ import annotations
 
@@ -24,22 +26,27 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from core_lib import RunInterrupted, UserError
-from tasks_lib import claim_run_dir, compose, overridden_keys, register_configs, run_task, summary
+from core_lib import RunInterrupted, UserError, distributed
+from tasks_lib import check_config, check_device, claim_run_dir, compose, overridden_keys, register_configs, run_task, summary
 
 register_configs()
 
-#: Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted by SIGINT or SIGTERM.
-EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+#: Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted by SIGINT or SIGTERM, 143 training
+#: stopped by SIGTERM after checkpointing its last step (``task.resume=auto`` continues it).
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 130, 143
+#: What a rank other than 0 of a torchrun job adds to hydra's overrides: rank 0 alone writes into the run directory.
+QUIET_RANK = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """One ``error:`` line (from rank 0 alone in a torchrun job: every rank meets the same error) and exit."""
+    if distributed.is_main():
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -73,27 +80,48 @@ def _stamp(root: str) -> Path:
 
 
 def _prepare(argv: list[str]) -> list[str]:
-    """Compose the overrides and claim the run directory before hydra writes anything; the argv hydra gets."""
-    if "-m" in argv or "--multirun" in argv:   # a sweep: its own fresh directory; each job claims its subdirectory
+    """Compose the overrides and claim the run directory before hydra writes anything; the argv hydra gets.
+
+    Under torchrun every rank composes the same config; rank 0 names and claims the run directory and
+    tells the others, which then run without writing into it (``QUIET_RANK``).
+    """
+    multirun = "-m" in argv or "--multirun" in argv
+    if multirun and distributed.world_size() > 1:
+        _fail("hydra multirun (-m) cannot run under torchrun; start one torchrun job per setting.")
+    if multirun:   # a sweep: its own fresh directory; each job claims its subdirectory
         named = any(a.startswith("hydra.sweep.dir=") for a in argv)
         return argv if named else [*argv, f"hydra.sweep.dir={_stamp('multirun')}"]
     if any(a.startswith("-") for a in argv):   # --cfg, --help, ...: hydra's own
         return argv
     try:
-        compose(*[a for a in argv if not a.startswith("hydra.")])
+        cfg = compose(*[a for a in argv if not a.startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as err:
         _fail(_composition_error(err))
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    if given:
-        run_dir, extra = Path(given[-1]), []
-    else:   # hydra's own naming, made unique: two runs started in the same second get two directories
-        run_dir = _stamp("outputs")
-        extra = [f"hydra.run.dir={run_dir}"]
-    try:
-        claim_run_dir(run_dir)
+    try:   # every setting, before the run directory exists (run_task checks again for callers from Python)
+        check_config(cfg)
     except UserError as err:
-        _fail(f"hydra.run.dir: {err}")
-    return [*argv, *extra]
+        _fail(str(err))
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if cfg.task.name == "train" and cfg.task.resume == "auto" and not given:
+        _fail("task.resume=auto continues the run in its own directory: name it with hydra.run.dir=DIR (the same "
+              "on every restart).")
+    if distributed.world_size() > 1:   # join the job: rank 0 names the run directory for all
+        try:
+            distributed.init(check_device(cfg.device))
+        except UserError as err:
+            _fail(str(err))
+    run_dir, refused = (Path(given[-1]) if given else _stamp("outputs")), None
+    if distributed.is_main():
+        try:
+            claim_run_dir(run_dir)
+        except UserError as err:
+            refused = f"hydra.run.dir: {err}"
+    run_dir, refused = distributed.broadcast((str(run_dir), refused))
+    if refused:
+        _fail(refused)
+    # hydra's own naming, made unique: two runs started in the same second get two directories
+    extra = [] if given else [f"hydra.run.dir={run_dir}"]
+    return [*argv, *extra, *([] if distributed.is_main() else QUIET_RANK)]
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -106,19 +134,22 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics = run_task(cfg, out, overridden_keys(HydraConfig.get().overrides.task))
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
+        _fail(str(err), err.exit_code if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise
+        if not distributed.is_main():   # an allocation failure is this rank's own: say which rank
+            print(f"error: [rank {distributed.rank()}] out of memory ({str(err).splitlines()[0][:160]})", file=sys.stderr)
         _fail(f"out of memory ({str(err).splitlines()[0][:160]}); lower the sizes this run asks for "
               "(task.n_samples, likelihood.n_eval, task.batch_size, the network), or use a larger device.")
     except KeyboardInterrupt:
-        print(f"error: interrupted; no result was completed, and every file in {out} is whole (outputs are written "
-              "atomically).", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    print(summary(metrics))
-    print(f"outputs: {out}")
+        _fail(f"interrupted; no result was completed, and every file in {out} is whole (outputs are written "
+              "atomically).", EXIT_INTERRUPTED)
+    finally:
+        distributed.close()
+    if distributed.is_main():
+        print(summary(metrics))
+        print(f"outputs: {out}")
 
 
 if __name__ == "__main__":

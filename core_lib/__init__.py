@@ -6,12 +6,13 @@ Public API::
     core_lib.build_options(cls, given, owner)   # a typed options dataclass from a dict, checked
     core_lib.option_fields(cls)                 # (name, type, default) of an options dataclass
     core_lib.atomic_write(path, write)          # temporary file, fsync, rename
+    core_lib.distributed                        # rank, world size, shards and collectives (torchrun or one process)
 """
-from core_lib.errors import RunInterrupted, UserError
+from core_lib.errors import Preempted, RunInterrupted, UserError
 from core_lib.files import OutputError, atomic_write
 from core_lib.options import build_options, describe_type, finite_positive, option_fields, require, value_matches
 
-__all__ = ["UserError", "RunInterrupted", "OutputError", "atomic_write", "build_options", "option_fields",
+__all__ = ["UserError", "RunInterrupted", "Preempted", "OutputError", "atomic_write", "build_options", "option_fields",
            "describe_type", "value_matches", "import_submodules", "require", "finite_positive"]
 
 

@@ -8,7 +8,7 @@ keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "RunInterrupted"]
+__all__ = ["UserError", "RunInterrupted", "Preempted"]
 
 
 class UserError(ValueError):
@@ -20,3 +20,12 @@ class UserError(ValueError):
 
 class RunInterrupted(UserError):
     """The run was stopped by SIGINT or SIGTERM; the message says what was kept (``run.py`` exits with 130)."""
+
+    exit_code = 130
+
+
+class Preempted(RunInterrupted):
+    """Training was stopped by SIGTERM after its current step was checkpointed (``run.py`` exits with 143);
+    ``task.resume=auto`` in the same run directory continues it exactly."""
+
+    exit_code = 143

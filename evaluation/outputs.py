@@ -5,7 +5,8 @@ hold for all of them: a run refuses a directory that already holds a finished ru
 ``metrics.json``; nothing is written until the run has something to write; every result file
 and checkpoint is written atomically (``core_lib.atomic_write``: temporary file, fsync, rename),
 so a full disk or an interrupt leaves no partial file. Side effects that only one process may have in
-a multi-process run go through this class alone.
+a multi-process run go through this class alone: in a torchrun job only rank 0's RunOutput claims the
+directory and writes; on the other ranks every method is a no-op (and the progress bar is hidden).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from core_lib import OutputError, UserError, atomic_write
+from core_lib import OutputError, UserError, atomic_write, distributed
 from models.checkpoint import save_checkpoint
 
 __all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir", "run_identity"]
@@ -86,12 +87,17 @@ def release_run_dir(run_dir: str | Path) -> None:
 
 
 class RunOutput:
-    """The files of one run in ``run_dir``, which it claims (:func:`claim_run_dir`) for this process."""
+    """The files of one run in ``run_dir``, which it claims (:func:`claim_run_dir`) for this process.
+
+    ``writes`` is False on the ranks other than 0 of a torchrun job: they claim nothing and write nothing.
+    """
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        claim_run_dir(self.run_dir)
-        log.info("run: %s, in %s", run_identity(), self.run_dir)   # hydra's run.log carries who wrote it
+        self.writes = distributed.is_main()
+        if self.writes:
+            claim_run_dir(self.run_dir)
+            log.info("run: %s, in %s", run_identity(), self.run_dir)   # hydra's run.log carries who wrote it
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._logs: dict[str, tuple[Any, csv.DictWriter]] = {}
         self.progress: tqdm | None = None
@@ -106,10 +112,14 @@ class RunOutput:
         return self.run_dir / name
 
     def write_text(self, name: str, text: str) -> None:
+        if not self.writes:
+            return
         atomic_write(self.path(name), lambda tmp: Path(tmp).write_text(text))
 
     def write_npz(self, name: str, **arrays) -> None:
         """Arrays (numpy) as one .npz file ``name``."""
+        if not self.writes:
+            return
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -117,18 +127,23 @@ class RunOutput:
 
     def write_figure(self, name: str, plot: Callable[..., None], *args, **kwargs) -> None:
         """``plot(path, *args, **kwargs)`` into file ``name`` (see ``evaluation.plots``)."""
+        if not self.writes:
+            return
         atomic_write(self.path(name), lambda tmp: plot(Path(tmp), *args, **kwargs))
 
     def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """metrics.json: the run's flat result keys and ``run`` (its identity); written last, it marks the run
         finished and frees the directory. Returns what was written."""
-        metrics = {**metrics, "run": run_identity()}
-        self.write_text("metrics.json", json.dumps(metrics, indent=2) + "\n")
-        release_run_dir(self.run_dir)
+        metrics = {**metrics, "world_size": distributed.world_size(), "run": run_identity()}
+        if self.writes:
+            self.write_text("metrics.json", json.dumps(metrics, indent=2) + "\n")
+            release_run_dir(self.run_dir)
         return metrics
 
     def log_row(self, name: str, row: dict[str, Any]) -> None:
         """Append a row to ``<name>.csv`` (header from the first row), flushed at once."""
+        if not self.writes:
+            return
         if name not in self._logs:
             path = self.path(f"{name}.csv")
             f = open(path, "a", newline="")
@@ -140,8 +155,20 @@ class RunOutput:
         writer.writerow(row)
         f.flush()
 
+    def truncate_log(self, name: str, step: int) -> None:
+        """Drop the rows of ``<name>.csv`` past ``step`` (a run resumed in its own directory redoes them)."""
+        path = self.run_dir / f"{name}.csv"
+        if not self.writes or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) <= step]
+        self.write_csv(f"{name}.csv", rows, columns)
+
     def write_csv(self, name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
         """A whole table as ``name`` (missing cells left empty)."""
+        if not self.writes:
+            return
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
@@ -155,6 +182,8 @@ class RunOutput:
         All atomic: a crash or a full disk leaves last.pt and prev.pt whole, so a resume can fall back to
         prev.pt if last.pt is ever found corrupt.
         """
+        if not self.writes:
+            return
         last, prev = self.ckpt_dir / "last.pt", self.ckpt_dir / "prev.pt"
         if last.exists():   # a hard link, then a rename: prev.pt is never missing or torn
             tmp = self.ckpt_dir / ".prev.pt.link"
@@ -166,11 +195,14 @@ class RunOutput:
             save_checkpoint(self.ckpt_dir / f"step_{step:07d}.pt", state)
 
     def start_progress(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step") -> tqdm:
-        self.progress = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=desc)
+        self.progress = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, desc=desc,
+                             disable=not self.writes)
         return self.progress
 
     def say(self, line: str) -> None:
-        """A line for the person watching, above the progress bar when there is one."""
+        """A line for the person watching, above the progress bar when there is one (rank 0 alone speaks)."""
+        if not self.writes:
+            return
         (self.progress.write if self.progress is not None else print)(line)
 
     def close(self) -> None:

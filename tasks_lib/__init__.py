@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from core_lib import UserError
+from core_lib import UserError, distributed
 from evaluation import claim_run_dir, load_data
 from models import build_score_model
 from tasks_lib.checks import check_config, check_device
@@ -43,7 +43,7 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
                               parameterization=cfg.model.parameterization, time_input=cfg.model.time_input,
                               sigma_data=round(float(data.train.std()), 6), **net)
     return train(config, model, data, run_dir, likelihood=likelihood, seed=cfg.seed, device=cfg.device,
-                 record=OmegaConf.to_container(cfg, resolve=True))
+                 record=OmegaConf.to_container(cfg, resolve=True), precision=cfg.precision, compile=cfg.compile)
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task}
@@ -52,6 +52,10 @@ TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compar
 def run_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
     """Check the whole config (``check_config``), then run ``cfg.task.name``: what ``python run.py`` does."""
     check_config(cfg)
+    device = distributed.init(cfg.device)   # under torchrun: join the job; cuda becomes this rank's GPU
+    cfg.device = str(device)
+    if device.type == "cuda" and cfg.precision != "fp32":   # reduced precision asked for: TF32 matmuls too
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return TASKS[cfg.task.name](cfg, run_dir, overridden)
 
 

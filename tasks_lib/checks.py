@@ -5,17 +5,21 @@ message names the key (``likelihood.n_eval: must be a positive number of test po
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import solvers
-from core_lib import UserError, build_options
+from core_lib import UserError, build_options, distributed
+from models.networks import PRECISIONS
 from tasks_lib.model_source import build_sde
 from tasks_lib.sample import dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS
 from training import check_train_config
 
-__all__ = ["check_config", "check_device"]
+__all__ = ["check_config", "check_device", "check_precision", "check_world"]
 
 
 def check_device(name: str) -> torch.device:
@@ -40,9 +44,51 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def check_precision(precision: str, compile: bool, device: torch.device) -> None:
+    """``precision`` and ``compile`` that this device can run, or one line saying what can."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"precision=fp16 needs a CUDA device (device={device}); on CPU use precision=bf16, or fp32.")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("precision=bf16: this GPU has no bfloat16 support; use precision=fp16 or fp32.")
+    if compile:
+        try:
+            import torch._dynamo as dynamo
+            supported = dynamo.is_dynamo_supported()
+        except Exception:   # an interpreter or build torch.compile does not support
+            supported = False
+        if not supported or device.type == "mps":
+            raise UserError(f"compile=true: torch.compile is not supported here (torch {torch.__version__}, "
+                            f"device {device}); drop it (compile=false).")
+        compiler = os.environ.get("CXX", "g++")
+        if device.type == "cpu" and not any(shutil.which(c) for c in (compiler, "c++", "clang++")):
+            raise UserError("compile=true on CPU needs a C++ compiler (torch.compile's CPU backend builds C++), and none "
+                            "is on PATH; install one (g++) or drop it (compile=false).")
+
+
+def check_world(cfg: DictConfig) -> None:
+    """Under torchrun: every count the task splits across the ranks has at least one item per rank."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    name, tc = cfg.task.name, cfg.task
+    if name == "train" and tc.batch_size % world:
+        raise UserError(f"task.batch_size={tc.batch_size} is the global batch and must split evenly over the {world} "
+                        f"processes; use a multiple of {world}, or start fewer processes (torchrun --nproc_per_node).")
+    if name in ("sample", "compare") and tc.n_samples < world:
+        raise UserError(f"task.n_samples={tc.n_samples} is fewer than the {world} processes that share it; ask for at "
+                        "least one sample per process, or start fewer processes.")
+    if (name in ("likelihood", "compare") or name == "sample" and tc.likelihood) and cfg.likelihood.n_eval < world:
+        raise UserError(f"likelihood.n_eval={cfg.likelihood.n_eval} is fewer than the {world} processes that share it; "
+                        "score at least one point per process, or start fewer processes.")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every setting the task of ``cfg`` will use, checked before it starts; the first problem is a UserError."""
-    check_device(cfg.device)
+    device = check_device(cfg.device)
+    check_precision(cfg.precision, cfg.compile, device)
+    check_world(cfg)
     dtype_of(cfg)
     build_sde(cfg.sde)
     name = cfg.task.name

@@ -100,6 +100,8 @@ class Config:
     seed: int = 0               # seeds every draw: the same seed gives the same samples and the same training run
     device: str = "cpu"         # cpu, cuda, cuda:1, ...
     dtype: str = "float32"      # float32 or float64 (sampling and likelihood)
+    precision: str = "fp32"     # the network's forward: fp32, bf16 or fp16 (autocast; fp16 needs CUDA); solver state stays in dtype
+    compile: bool = False       # run the network through torch.compile (needs a C++ compiler on CPU)
     likelihood: LikelihoodConfig = dataclasses.field(default_factory=LikelihoodConfig)
 
 
