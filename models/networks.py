@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -365,6 +366,16 @@ class UNet(nn.Module):
 #: What a network's output is taken to be, for ``ScoreModel(parameterization=...)``.
 PARAMETERIZATIONS = ("eps", "score", "x0")
 TIME_INPUTS = ("log_snr", "t", "index")
+#: ``precision`` → the autocast dtype of the network's forward (None: the input's own dtype)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def _transformed() -> bool:
+    """Whether a torch.func transform (vjp, vmap, jacrev, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+#: network → its torch.compile'd forward; weak, and outside the module, so that copies (the EMA's) compile their own
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def given_cond(cond: dict, model: nn.Module) -> dict:
@@ -404,6 +415,9 @@ class ScoreModel(nn.Module):
     discrete chain's index (``time_input="index"``): a DDPM/NCSN-style model conditioned on i/(N−1),
     trained at the integers and evaluated between them through ``sde.chain_position``.
 
+    ``set_precision`` runs the network in bf16/fp16 autocast and/or compiled (``precision=`` and
+    ``compile=`` on the command line); the rest of the wrapper stays in the input's dtype.
+
     Methods return tensors of the shape of x: ``forward``/``score_fn`` the score, ``eps`` the
     ε-prediction −s·score and ``x0`` Tweedie's estimate (x + s² score)/α, the last two computed
     directly from the network output where the parameterisation allows, without dividing by s.
@@ -433,6 +447,7 @@ class ScoreModel(nn.Module):
         self.parameterization = parameterization
         self.sigma_data = float(sigma_data)
         self.time_input = time_input
+        self.precision, self.compiled = "fp32", False   # set_precision
         self._lam_hi = sde.half_log_snr(torch.tensor(self.T_MIN, dtype=torch.float64)).item()
         self._lam_lo = sde.half_log_snr(torch.tensor(sde.T, dtype=torch.float64)).item()
 
@@ -467,10 +482,35 @@ class ScoreModel(nn.Module):
         alpha = batch_broadcast(self.sde.log_mean_coeff(t).exp().to(x.dtype), x)
         std = batch_broadcast(self.sde.marginal_std(t).to(x.dtype), x)
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
-        return self.net(c_in * x, self.network_time(t), **given_cond(cond, self.net)), alpha, std, c_in
+        net = self.net
+        if self.compiled:
+            net = _COMPILED.get(self.net) or _COMPILED.setdefault(self.net, torch.compile(self.net))
+        # Under torch.func transforms (the likelihood's divergence: vjp, vmap) the network runs in x's dtype:
+        # autocast does not compose with them, and a divergence is a derivative, which bf16 would blur.
+        dtype = None if _transformed() else PRECISIONS[self.precision]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(c_in * x, self.network_time(t), **given_cond(cond, self.net))
+        return out.to(x.dtype), alpha, std, c_in   # everything past the network in the input's precision
 
-    def forward(self, x: Tensor, t, **cond) -> Tensor:
-        """The score s_θ(x, t), shape of x; t of shape (B,) (or a scalar for the whole batch)."""
+    def set_precision(self, precision: str = "fp32", compile: bool = False) -> "ScoreModel":
+        """Run the network's forward under autocast (``"bf16"``, ``"fp16"``; ``"fp32"``: as is) and, with
+        ``compile``, through ``torch.compile``; the inputs' scaling, the output's conversion to a score and
+        everything the caller does with it stay in the input's dtype. Inside torch.func transforms (the
+        likelihood's divergence) autocast is off. Not part of the weights or checkpoints."""
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        self.precision, self.compiled = precision, bool(compile)
+        return self
+
+    def forward(self, x: Tensor, t, output: str = "score", **cond) -> Tensor:
+        """The score s_θ(x, t), shape of x; t of shape (B,) (or a scalar for the whole batch).
+
+        ``output="eps"`` or ``"x0"`` returns :meth:`eps` or :meth:`x0` instead, so that a wrapper that
+        calls only ``forward`` (``DistributedDataParallel``) reaches every parameterisation."""
+        if output != "score":
+            if output not in ("eps", "x0"):
+                raise ModelError(f"output must be score, eps or x0, got {output!r}.")
+            return (self.eps if output == "eps" else self.x0)(x, t, **cond)
         out, alpha, std, c_in = self._evaluate(x, t, cond)
         if self.parameterization == "eps":
             return -out / std

@@ -232,7 +232,10 @@ def _ignore_sigint():
 @pytest.mark.parametrize("sig,start", [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGINT, _ignore_sigint)],
                          ids=["SIGINT", "SIGTERM", "SIGINT-inherited-ignored"])
 def test_an_interrupted_training_says_where_its_last_checkpoint_is(tmp_path, sig, start):
-    """``start`` runs in the child before run.py: a shell starts background jobs with SIGINT ignored."""
+    """``start`` runs in the child before run.py: a shell starts background jobs with SIGINT ignored.
+
+    SIGINT stops at once (exit 130); SIGTERM, a scheduler's preemption, lets the step finish and checkpoints
+    that very step (exit 143)."""
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "run.py"), *TRAIN, "task.steps=100000", "task.ckpt_every=20",
             f"hydra.run.dir={run_dir}"]
@@ -243,11 +246,14 @@ def test_an_interrupted_training_says_where_its_last_checkpoint_is(tmp_path, sig
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "interrupted at step" in lines[0] and str(run_dir / "checkpoints" / "last.pt") in lines[0]
-    read_checkpoint(run_dir / "checkpoints" / "last.pt")       # whole and verified
+    said = "stopped by SIGTERM at step" if sig == signal.SIGTERM else "interrupted at step"
+    assert len(lines) == 1 and said in lines[0] and str(run_dir / "checkpoints" / "last.pt") in lines[0]
+    state = read_checkpoint(run_dir / "checkpoints" / "last.pt")       # whole and verified
+    if sig == signal.SIGTERM:   # the step it stopped at is the step checkpointed
+        assert f"at step {state['step']} of" in lines[0]
 
 
 # ---- the command line: one run per directory, refused before hydra writes anything ------------------

@@ -4,6 +4,11 @@ Every loss takes a model exposing ``model(x, t)`` (the score) and, for DDPM, ``m
 (``models.ScoreModel``), a batch x0 (B, ...) and a torch.Generator for t and the noise, and returns
 a scalar: the per-sample loss reduced over dimensions by ``reduction`` ("mean" or "sum"), then
 averaged over the batch.
+
+``rows`` (a slice) makes a loss compute only those rows of the batch, after drawing t and the noise
+for all of it: the ranks of a data-parallel job each take their rows of one global batch and together
+compute what one process computes on the whole batch (the mean of their losses is its loss, up to the
+order of the sums).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
              eps: float = 1e-5, weighting: Literal["s2", "likelihood"] = "s2", importance_sampling: bool = False,
-             reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+             reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None)) -> Tensor:
     """Continuous denoising score matching, E_t λ(t) E ‖s_θ(α x0 + s z, t) + z/s‖², t ~ U(eps, T).
 
     ``weighting="s2"``: λ = s², i.e. ‖s s_θ + z‖² (the default). ``weighting="likelihood"``: λ = g²,
@@ -58,6 +63,7 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, ge
         t = eps + u * (sde.T - eps)
         scale = None
     z = _randn_like(x0, generator)
+    x0, t, z = x0[rows], t[rows], z[rows]
     mean, std = sde.marginal_prob(x0, t)
     xt = mean + batch_broadcast(std, x0) * z
     residual = batch_broadcast(std, x0) * model(xt, t) + z                  # s s_θ + z
@@ -79,24 +85,26 @@ def _chain_sample(sde: SDE, x0: Tensor, generator: torch.Generator | None):
 
 
 def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
-              reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
+              reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None), **_) -> Tensor:
     """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = chain_times()[i])."""
     if not isinstance(sde, VPSDE):
         raise TrainingError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
     t, m = _chain_sample(sde, x0, generator)              # m_i = 1 − ᾱ_i
     noise = _randn_like(x0, generator)
+    x0, t, m, noise = x0[rows], t[rows], m[rows], noise[rows]
     xt = batch_broadcast((1 - m).sqrt(), x0) * x0 + batch_broadcast(m.sqrt(), x0) * noise
     return _reduce((noise - model.eps(xt, t)).pow(2), reduction)
 
 
 def ncsn_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
-              reduction: Literal["mean", "sum"] = "mean", **_) -> Tensor:
+              reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None), **_) -> Tensor:
     """NCSN's loss, E_i σ_i² E ‖s_θ(x0 + σ_i z, t_i) + z/σ_i‖², on VE's geometric σ chain (t_i = i/(N−1))."""
     if not isinstance(sde, VESDE):
         raise TrainingError(f"the NCSN loss needs a VESDE (NCSN's σ chain), got {type(sde).__name__}; use loss=dsm.")
     t, m = _chain_sample(sde, x0, generator)              # m_i = σ_i²
-    sigma = batch_broadcast(m.sqrt(), x0)
     z = _randn_like(x0, generator)
+    x0, t, m, z = x0[rows], t[rows], m[rows], z[rows]
+    sigma = batch_broadcast(m.sqrt(), x0)
     return _reduce((sigma * model(x0 + sigma * z, t) + z).pow(2), reduction)
 
 
