@@ -9,6 +9,7 @@ Public API::
     evaluation.sample_quality(samples, data, seed)      # sliced W1, its floor, mode statistics
     evaluation.save_samples(...), save_trajectories(...)
     evaluation.RunOutput(run_dir)                       # the one writer of a run's files
+    evaluation.sample_on_ranks(...), log_likelihood_on_ranks(...)   # split across torchrun's ranks, gathered
 """
 from collections.abc import Mapping
 from typing import Any
@@ -19,10 +20,12 @@ from evaluation.likelihood import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, 
 from evaluation.outputs import RunDirError, RunOutput, claim_run_dir, release_run_dir
 from evaluation.plots import save_samples, save_trajectories
 from evaluation.quality import sample_quality, sliced_wasserstein
+from evaluation.ranks import log_likelihood_on_ranks, sample_on_ranks
 
 __all__ = ["load_data", "LikelihoodConfig", "HeldOutLikelihood", "held_out_likelihood", "data_log_likelihood",
            "scored_points", "exact_nll", "EXACT_DIVERGENCE_MAX_DIM", "sample_quality", "sliced_wasserstein",
-           "save_samples", "save_trajectories", "RunOutput", "RunDirError", "claim_run_dir", "release_run_dir"]
+           "save_samples", "save_trajectories", "RunOutput", "RunDirError", "claim_run_dir", "release_run_dir",
+           "sample_on_ranks", "log_likelihood_on_ranks"]
 
 
 def load_data(options: Mapping[str, Any], seed: int) -> Dataset:

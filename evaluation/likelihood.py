@@ -15,6 +15,7 @@ import torch
 import solvers
 from core_lib import finite_positive, require
 from data_lib import Dataset, dequantize
+from evaluation.ranks import log_likelihood_on_ranks
 from solvers.likelihood import MULTISTEP
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS
 
@@ -77,15 +78,16 @@ def data_log_likelihood(sde, score_fn, data: Dataset, x: Tensor, seed: int, dive
     """``solvers.log_likelihood`` of points x of ``data``, dequantised first when the data are discrete.
 
     Discrete data get uniform noise within each of their bins (seeded) and bits/dim with their
-    offset log₂(K/w) (docs/math.md §6). ``divergence="auto"`` is the exact divergence up to
+    offset log₂(K/w) (docs/math.md §6). Under torchrun the points are split across the ranks
+    (``evaluation.log_likelihood_on_ranks``) and the whole result is on every rank. ``divergence="auto"`` is the exact divergence up to
     :data:`EXACT_DIVERGENCE_MAX_DIM` dimensions (D VJPs per step, vectorised) and Hutchinson's
     estimator above. Returns the LikelihoodResult and the points actually scored.
     """
     if divergence == "auto":
         divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
-    x = scored_points(data, x, seed)
-    lik = solvers.log_likelihood(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
-                                 divergence=divergence, **options)
+    x = scored_points(data, x, seed)   # all of them on every rank: the dequantisation noise is drawn for the batch
+    lik = log_likelihood_on_ranks(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
+                                  divergence=divergence, **options)
     return lik, x
 
 

@@ -67,6 +67,7 @@ class _LikelihoodOptions(GridOptions):
     probes: int = 1                 # Hutchinson probes K (divergence="hutchinson")
     probe: Literal["rademacher", "gaussian"] = "rademacher"
     seed: int | None = None         # seed of the Hutchinson probes
+    index_offset: int = 0           # global index of x's first row: row b's probes depend on (seed, index_offset + b) only
     levels: int | None = None       # number of levels K per dimension of discrete data, for the bpd offset
     data_range: tuple | list | None = None   # (low, high) the levels are scaled to; default (0, 1)
     chunk: int | None = None        # exact divergence: basis vectors per vmap call (None: all D at once)
@@ -197,7 +198,8 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         **options: method (a torchdiffeq method, or "multistep": the exponential integrator of
             ``solver="multistep"`` with a fixed budget of steps + 1 evaluations), steps, grid options
             (``solvers.grids.GridOptions``), order, variable, corrector (multistep), probes, probe
-            ("rademacher" | "gaussian"), seed, levels, data_range, chunk, error_norm ("sample": rtol/atol
+            ("rademacher" | "gaussian"), seed, index_offset (x's first row's global index, for a batch split
+            across processes), levels, data_range, chunk, error_norm ("sample": rtol/atol
             hold for every sample; "batch"), progress (a bar over t on stderr).
 
     Returns:
@@ -222,7 +224,9 @@ def log_likelihood(sde: SDE, score_fn: ScoreFn, x: Tensor, eps: float = 1e-5, rt
         n_est = 1
     else:
         seed = opts.seed if opts.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        v = NoiseSource(seed).normal((opts.probes, *x.shape), x.dtype, x.device)
+        # indexed by sample, so that a batch split across processes (index_offset) gets the same probes
+        v = NoiseSource(seed, opts.index_offset).normal((x.shape[0], opts.probes, *x.shape[1:]), x.dtype, x.device)
+        v = v.transpose(0, 1).contiguous()                                    # (K, B, ...)
         if opts.probe == "rademacher":
             v = torch.sign(v)
 

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import solvers
-from core_lib import UserError
-from evaluation import RunOutput, data_log_likelihood, exact_nll, scored_points, sliced_wasserstein
+from core_lib import UserError, distributed
+from evaluation import RunOutput, data_log_likelihood, exact_nll, sample_on_ranks, scored_points, sliced_wasserstein
 from tasks_lib.model_source import resolve_model
 from tasks_lib.sample import dtype_of, header, write_config
 
@@ -65,8 +65,8 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     sde, data = model.sde, model.data
     shape = (tc.n_samples, *data.event_shape)
     eps = solvers.resolve_eps(sde, tc.eps)
-    reference = solvers.sample(sde, model.score_fn, shape, solver="pf_ode", eps=eps, seed=cfg.seed, device=device,
-                               dtype=dtype, rtol=tc.reference_rtol, atol=tc.reference_rtol)
+    reference = sample_on_ranks(sde, model.score_fn, shape, solver="pf_ode", eps=eps, seed=cfg.seed, device=device,
+                                dtype=dtype, rtol=tc.reference_rtol, atol=tc.reference_rtol)
     z = reference.z
     test = data.test
     lc = cfg.likelihood
@@ -77,15 +77,16 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
 
     rows = []
     runs = [(name, steps, extra) for name in tc.samplers for steps, extra in _runs(name, list(tc.budgets))]
-    for name, steps, extra in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True, leave=False):
+    for name, steps, extra in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True, leave=False,
+                                   disable=not distributed.is_main()):
         solver, options = _entry(name)
         options = {**options, **extra}
         instance = solvers.get_solver(solver)(**options)
         row: dict[str, Any] = {"sampler": name, "steps": steps if steps is not None else "",
                                "tolerance": extra.get("rtol", "")}
         try:
-            result = solvers.sample(sde, model.score_fn, solver=solver, steps=steps, eps=eps, z=z,
-                                    seed=cfg.seed, **options)
+            result = sample_on_ranks(sde, model.score_fn, None, solver=solver, steps=steps, eps=eps, z=z,
+                                     seed=cfg.seed, **options)
         except solvers.SolverError as err:  # e.g. a DDPM chain too short for VP's β_max
             rows.append({**row, "note": str(err)})
             continue
@@ -101,7 +102,8 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
             row["bpd"] = lik.bpd.double().mean().item()
         bound_options = instance.bound_options()
         if bound_options is not None:
-            # The model as a discrete chain of the row's N steps: DDPM's variational bound (docs/math.md §7).
+            # The model as a discrete chain of the row's N steps: DDPM's variational bound (docs/math.md §7),
+            # computed whole on every rank of a torchrun job (it is a small share of the row's cost).
             try:
                 bound = solvers.variational_bound(sde.with_steps(steps), model.score_fn, x_scored, seed=cfg.seed,
                                                   levels=data.levels, data_range=data.data_range, **bound_options)

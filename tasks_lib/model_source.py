@@ -131,6 +131,8 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
     else:
         trained = OmegaConf.create(loaded.config)
         data = load_data(trained.data, trained.seed)
+    # precision=, compile=: the network's forward only (an exact score has no network)
+    loaded.score_fn.set_precision(cfg.precision, cfg.compile)
     return ResolvedModel(sde, loaded.score_fn, data, source, str(path), loaded.step)
 
 

@@ -7,10 +7,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import solvers
-from core_lib import UserError
-from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, held_out_likelihood, sample_quality,
-                        save_samples, save_trajectories)
+from core_lib import UserError, distributed
+from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, held_out_likelihood, sample_on_ranks,
+                        sample_quality, save_samples, save_trajectories)
 from tasks_lib.model_source import ResolvedModel, resolve_model
 
 __all__ = ["sample_task", "likelihood_task", "dtype_of", "likelihood_config", "write_config", "header"]
@@ -32,7 +31,8 @@ def write_config(out: RunOutput, cfg: DictConfig, model: ResolvedModel) -> None:
     """config.yaml: the resolved config, plus the SDE and model actually used (a checkpoint's own)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["used"] = {"model": model.source, "path": model.path, "train_steps": model.train_steps,
-                        "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": model.data.name}
+                        "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": model.data.name,
+                        "world_size": distributed.world_size()}
     out.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
@@ -58,9 +58,9 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     model = resolve_model(cfg, overridden, device)
     tc = cfg.task
     options = OmegaConf.to_container(cfg.solver.options, resolve=True)
-    result = solvers.sample(model.sde, model.score_fn, (tc.n_samples, *model.data.event_shape),
-                            solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed, device=device,
-                            dtype=dtype, trajectory=tc.trajectories, progress=True, **options)
+    result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.data.event_shape),
+                             solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed, device=device,
+                             dtype=dtype, trajectory=tc.trajectories, progress=True, **options)
     samples = result.samples.cpu()
     metrics = {**header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
                "sample_seconds": result.seconds, **sample_quality(samples, model.data, cfg.seed)}
