@@ -79,8 +79,13 @@ def init(device: str | torch.device = "cpu") -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launched() and world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS),
+        timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
+        store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's store outlives a restart (--max-restarts): keys of this attempt apart from the last one's,
+        # or a restarted rank may read a dead peer's address and fail to connect
+        store = dist.PrefixStore(f"scoreflow/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank_,
+                                world_size=world, timeout=timeout,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return device
 

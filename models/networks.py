@@ -484,7 +484,9 @@ class ScoreModel(nn.Module):
         c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
         net = self.net
         if self.compiled:
-            net = _COMPILED.get(self.net) or _COMPILED.setdefault(self.net, torch.compile(self.net))
+            if self.net not in _COMPILED:
+                _COMPILED[self.net] = torch.compile(self.net)
+            net = _COMPILED[self.net]
         # Under torch.func transforms (the likelihood's divergence: vjp, vmap) the network runs in x's dtype:
         # autocast does not compose with them, and a divergence is a derivative, which bf16 would blur.
         dtype = None if _transformed() else PRECISIONS[self.precision]
