@@ -26,14 +26,15 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from core_lib import RunInterrupted, UserError, distributed
-from tasks_lib import check_config, check_device, claim_run_dir, compose, overridden_keys, register_configs, run_task, summary
+from core_lib import Preempted, RunInterrupted, UserError, distributed
+from tasks_lib import (check_config, check_device, claim_run_dir, compose, overridden_keys, register_configs, run_task,
+                       summary)
 
 register_configs()
 
 #: Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted by SIGINT or SIGTERM, 143 training
 #: stopped by SIGTERM after checkpointing its last step (``task.resume=auto`` continues it).
-EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 130, 143
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, RunInterrupted.exit_code, Preempted.exit_code
 #: What a rank other than 0 of a torchrun job adds to hydra's overrides: rank 0 alone writes into the run directory.
 QUIET_RANK = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 

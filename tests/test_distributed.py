@@ -126,10 +126,14 @@ def test_sigterm_checkpoints_the_step_and_resume_auto_finishes_the_run_exactly(t
     args = [*TRAIN, "task.steps=30", "task.ckpt_every=1000"]
     whole = run_task(compose(*args), tmp_path / "whole", set())
     monkeypatch.setattr(loop_module, "get_loss", _sigterm_at(17))
-    with pytest.raises(Preempted, match="stopped by SIGTERM at step 17 of 30"):
-        run_task(compose(*args, "task.resume=auto"), tmp_path / "run", set())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Preempted, match="stopped by SIGTERM at step 17 of 30"):
+            run_task(compose(*args, "task.resume=auto"), tmp_path / "run", set())
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN   # the process is on its way out
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 17
-    assert signal.getsignal(signal.SIGTERM) is not loop_module._StopRequest._request   # the loop's handler is gone
     monkeypatch.undo()
     resumed = run_task(compose(*args, "task.resume=auto"), tmp_path / "run", set())
     _assert_bitwise(_weights(tmp_path / "whole"), _weights(tmp_path / "run"))
@@ -193,6 +197,30 @@ def test_a_killed_rank_fails_the_whole_job_quickly_and_keeps_the_last_checkpoint
     assert proc.returncode != 0
     assert time.time() - killed < 60
     read_checkpoint(run_dir / "checkpoints" / "last.pt")      # whole and verified
+
+
+def test_sigterm_under_torchrun_checkpoints_the_same_step_on_every_rank(tmp_path):
+    """SIGTERM to every worker (what torchrun and SLURM do): the ranks agree on the step to stop at, rank 0
+    checkpoints it, and every worker exits with 143."""
+    run_dir = tmp_path / "run"
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "run.py"), *TRAIN, "task.steps=100000", "task.ckpt_every=10",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = _worker_pids(proc.pid)
+    assert set(workers) == {0, 1}, workers
+    os.kill(workers[1], signal.SIGTERM)   # one rank first: the other learns of it through the step's all-reduce
+    time.sleep(0.05)
+    os.kill(workers[0], signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = (tmp_path / "torchrun.log").read_text()
+    said = [line for line in text.splitlines() if line.startswith("error: stopped by SIGTERM at step")]
+    assert len(said) == 1, text[-3000:]
+    assert f"at step {read_checkpoint(run_dir / 'checkpoints' / 'last.pt')['step']} of" in said[0]
+    assert "exitcode  : 143" in text
 
 
 def test_torchrun_restarts_recover_a_killed_rank_exactly_with_resume_auto(tmp_path):

@@ -53,7 +53,8 @@ def check_train_config(config: TrainConfig | dict) -> TrainConfig:
 
 @torch.no_grad()
 def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int, seed: int) -> float:
-    """The mean loss over the test split, each batch with noise of its own seed, the batches shared out over the ranks."""
+    """The mean loss over the test split, each batch with noise of its own seed, the batches shared out over
+    the ranks."""
     starts = list(range(0, len(data.test), batch_size))
     first, stop = distributed.shard(len(starts))
     total = torch.zeros(2, dtype=torch.float64, device=data.test.device)   # sum of losses, count
@@ -166,8 +167,10 @@ class _Replica:
 
 class _StopRequest:
     """SIGTERM during training (a scheduler's preemption, torchrun shutting the job down) asks the loop to stop
-    after the step it is in, which is then checkpointed; a second SIGTERM stops at once (KeyboardInterrupt).
-    Installed for the loop only, and only in the main thread (where Python delivers signals)."""
+    after the step it is in, which is then checkpointed; a second SIGTERM before that stops at once
+    (KeyboardInterrupt). Installed for the loop only, and only in the main thread (where Python delivers
+    signals). After a stop it asked for, SIGTERM stays ignored: the process is on its way out, and torchrun
+    signals the ranks that are still exiting when the first one has gone."""
 
     def __init__(self):
         self.requested = False
@@ -185,7 +188,7 @@ class _StopRequest:
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.requested else self._previous)
 
 
 class _DivergenceGuard:
@@ -296,8 +299,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     world, rank = distributed.world_size(), distributed.rank()
     if config.batch_size % world:
         raise TrainingError(f"task.batch_size={config.batch_size} is the global batch and must split evenly over the "
-                            f"{world} processes; use a multiple of {world} (e.g. {max(world, config.batch_size // world * world)}) "
-                            "or start fewer processes (torchrun --nproc_per_node).")
+                            f"{world} processes; use a multiple of {world}, or start fewer processes "
+                            "(torchrun --nproc_per_node).")
     device = torch.device(device)
     sde = model.sde
     if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
@@ -422,8 +425,9 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                     out.checkpoint(snapshot(), step, keep=step == config.steps)
                     last_good = out.ckpt_dir / "last.pt"
                 if stopping and step < config.steps:
-                    raise Preempted(f"stopped by SIGTERM at step {step} of {config.steps}, checkpointed in {last_good}; "
-                                    "continue with task.resume=auto and the same hydra.run.dir (or "
+                    distributed.barrier()   # no rank leaves before rank 0's checkpoint is on disk
+                    raise Preempted(f"stopped by SIGTERM at step {step} of {config.steps}, checkpointed in "
+                                    f"{last_good}; continue with task.resume=auto and the same hydra.run.dir (or "
                                     f"task.resume={last_good} into a new run directory).")
                 if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
                     eval_row = evaluation()
@@ -436,7 +440,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     finally:
         out.close()
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,
-               "model": spec["net"]["kind"], "loss": config.loss, "n_params": sum(p.numel() for p in model.parameters()),
+               "model": spec["net"]["kind"], "loss": config.loss,
+               "n_params": sum(p.numel() for p in model.parameters()),
                **{k: v for k, v in eval_row.items() if k != "step"}}
     return out.metrics(metrics)
 
