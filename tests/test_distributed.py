@@ -162,7 +162,7 @@ def test_resume_auto_needs_a_named_run_directory(tmp_path):
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
-    """LOCAL_RANK → pid of torchrun ``parent``'s worker processes (from /proc)."""
+    """LOCAL_RANK → pid of torchrun ``parent``'s worker processes (from Linux's /proc)."""
     found = {}
     for entry in pathlib.Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -179,18 +179,25 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.skipif(not pathlib.Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
-def test_a_killed_rank_fails_the_whole_job_quickly_and_keeps_the_last_checkpoint(tmp_path):
+def _started_job(tmp_path: pathlib.Path, *args: str, restarts: int = 0):
+    """A 2-process torchrun training job on the ring, once it has written its first checkpoint: (torchrun's
+    process, the run directory, LOCAL_RANK → worker pid). Its output goes to tmp_path/torchrun.log, a file
+    rather than a pipe that nobody reads while the test waits (a full pipe would block the workers)."""
     run_dir = tmp_path / "run"
-    log = open(tmp_path / "torchrun.log", "w")   # a file, not a pipe nobody reads while waiting (it would fill up)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "run.py"), *TRAIN, "task.steps=100000", "task.ckpt_every=10",
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                             f"--max-restarts={restarts}", str(ROOT / "run.py"), *TRAIN, *args,
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
+                            stdout=open(tmp_path / "torchrun.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     workers = _worker_pids(proc.pid)
     assert set(workers) == {0, 1}, workers
+    return proc, run_dir, workers
+
+
+def test_a_killed_rank_fails_the_whole_job_quickly_and_keeps_the_last_checkpoint(tmp_path):
+    proc, run_dir, workers = _started_job(tmp_path, "task.steps=100000", "task.ckpt_every=10")
     os.kill(workers[1], signal.SIGKILL)
     killed = time.time()
     proc.wait(timeout=120)
@@ -202,16 +209,7 @@ def test_a_killed_rank_fails_the_whole_job_quickly_and_keeps_the_last_checkpoint
 def test_sigterm_under_torchrun_checkpoints_the_same_step_on_every_rank(tmp_path):
     """SIGTERM to every worker (what torchrun and SLURM do): the ranks agree on the step to stop at, rank 0
     checkpoints it, and every worker exits with 143."""
-    run_dir = tmp_path / "run"
-    log = open(tmp_path / "torchrun.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "run.py"), *TRAIN, "task.steps=100000", "task.ckpt_every=10",
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    workers = _worker_pids(proc.pid)
-    assert set(workers) == {0, 1}, workers
+    proc, run_dir, workers = _started_job(tmp_path, "task.steps=100000", "task.ckpt_every=10")
     os.kill(workers[1], signal.SIGTERM)   # one rank first: the other learns of it through the step's all-reduce
     time.sleep(0.05)
     os.kill(workers[0], signal.SIGTERM)
@@ -226,19 +224,11 @@ def test_sigterm_under_torchrun_checkpoints_the_same_step_on_every_rank(tmp_path
 def test_torchrun_restarts_recover_a_killed_rank_exactly_with_resume_auto(tmp_path):
     """``--max-restarts=1`` and ``task.resume=auto``: a rank SIGKILLed mid-run, torchrun restarts the job, which
     continues from the last checkpoint and ends with the weights of an uninterrupted run."""
-    args = [*TRAIN, "task.steps=150", "task.ckpt_every=25", "task.resume=auto"]
-    whole = _cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", nproc=2)
+    args = ["task.steps=150", "task.ckpt_every=25", "task.resume=auto"]
+    whole = _cli(*TRAIN, *args, f"hydra.run.dir={tmp_path / 'whole'}", nproc=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    run_dir = tmp_path / "run"
-    log = open(tmp_path / "torchrun.log", "w")   # a file, not a pipe nobody reads while waiting (it would fill up)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=1", str(ROOT / "run.py"), *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "last.pt").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    workers = _worker_pids(proc.pid)
-    assert set(workers) == {0, 1} and not (run_dir / "metrics.json").exists(), workers
+    proc, run_dir, workers = _started_job(tmp_path, *args, restarts=1)
+    assert not (run_dir / "metrics.json").exists()
     os.kill(workers[1], signal.SIGKILL)
     proc.wait(timeout=300)
     assert proc.returncode == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
