@@ -163,6 +163,9 @@ class RunOutput:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             columns, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) <= step]
+        if not columns:   # not even a header: the next row writes one
+            path.unlink()
+            return
         self.write_csv(f"{name}.csv", rows, columns)
 
     def write_csv(self, name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:

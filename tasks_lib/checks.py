@@ -49,7 +49,8 @@ def check_precision(precision: str, compile: bool, device: torch.device) -> None
     if precision not in PRECISIONS:
         raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"precision=fp16 needs a CUDA device (device={device}); on CPU use precision=bf16, or fp32.")
+        raise UserError(f"precision=fp16 needs a CUDA device (device={device}); on CPU keep precision=fp32 (bf16 pays "
+                        "off only on CPUs with bf16 instructions).")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("precision=bf16: this GPU has no bfloat16 support; use precision=fp16 or fp32.")
     if compile:

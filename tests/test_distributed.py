@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from core_lib import Preempted, distributed
+from core_lib import Preempted, UserError, distributed
 from models.checkpoint import read_checkpoint
 from tasks_lib import compose, run_task
 from training import loop as loop_module
@@ -359,7 +359,7 @@ def test_precision_mistakes_are_one_error_line(tmp_path, override, says):
 def test_compile_without_a_compiler_is_one_error_line(monkeypatch):
     from tasks_lib import checks
     monkeypatch.setattr(checks.shutil, "which", lambda name: None)
-    with pytest.raises(Exception, match="compile=true on CPU needs a C\\+\\+ compiler"):
+    with pytest.raises(UserError, match="compile=true on CPU needs a C\\+\\+ compiler"):
         checks.check_precision("fp32", True, torch.device("cpu"))
 
 
@@ -403,3 +403,20 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
     assert proc.returncode != 0
     said = [pathlib.Path(f"{run_dir}.rank{r}").read_text() for r in (0, 1)]
     assert said[0] == said[1] and "became non-finite at step 1" in said[0], said
+
+
+def test_a_resumed_run_drops_the_log_rows_past_its_checkpoint(tmp_path):
+    from evaluation import RunOutput, release_run_dir
+    out = RunOutput(tmp_path / "run")
+    for step in (10, 20, 30):
+        out.log_row("train_log", {"step": step, "loss": 1.0 / step})
+    out.close()
+    (tmp_path / "run" / "eval_log.csv").write_text("")   # torn before its header
+    out.truncate_log("train_log", 20)
+    out.truncate_log("eval_log", 20)
+    out.log_row("train_log", {"step": 30, "loss": 0.5})
+    out.close()
+    rows = np.genfromtxt(tmp_path / "run" / "train_log.csv", delimiter=",", names=True)
+    assert list(rows["step"]) == [10, 20, 30] and rows["loss"][-1] == 0.5
+    assert not (tmp_path / "run" / "eval_log.csv").exists()
+    release_run_dir(tmp_path / "run")
