@@ -12,7 +12,6 @@ Public API::
     core_lib.distributed.rank(), world_size(), is_main()
     core_lib.distributed.shard(n)           # this rank's contiguous rows [start, stop) of n
     core_lib.distributed.gather_rows(x)     # the ranks' row blocks, concatenated in rank order, on every rank
-    core_lib.distributed.any_flag(flag)     # True on every rank when it is True on one
     core_lib.distributed.broadcast(obj)     # rank 0's picklable object, on every rank
 """
 from __future__ import annotations
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from core_lib.errors import UserError
 
 __all__ = ["init", "launched", "rank", "local_rank", "world_size", "is_main", "shard", "gather_rows", "gather_objects",
-           "any_flag", "all_sum", "broadcast", "barrier", "close", "DistributedError", "TIMEOUT_SECONDS"]
+           "all_sum", "broadcast", "barrier", "close", "DistributedError", "TIMEOUT_SECONDS"]
 
 #: How long a collective waits for a rank that does not arrive before the job fails (a dead or stuck rank).
 TIMEOUT_SECONDS = int(os.environ.get("SCOREFLOW_DIST_TIMEOUT", "600"))
@@ -124,16 +123,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
-
-
-def any_flag(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on at least one (a host-side decision all ranks must share)."""
-    if not _active():
-        return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def broadcast(obj: Any) -> Any:

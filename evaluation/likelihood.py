@@ -79,9 +79,9 @@ def data_log_likelihood(sde, score_fn, data: Dataset, x: Tensor, seed: int, dive
 
     Discrete data get uniform noise within each of their bins (seeded) and bits/dim with their
     offset log₂(K/w) (docs/math.md §6). Under torchrun the points are split across the ranks
-    (``evaluation.log_likelihood_on_ranks``) and the whole result is on every rank. ``divergence="auto"`` is the exact divergence up to
-    :data:`EXACT_DIVERGENCE_MAX_DIM` dimensions (D VJPs per step, vectorised) and Hutchinson's
-    estimator above. Returns the LikelihoodResult and the points actually scored.
+    (``evaluation.log_likelihood_on_ranks``) and the whole result is on every rank.
+    ``divergence="auto"`` is the exact divergence up to :data:`EXACT_DIVERGENCE_MAX_DIM` dimensions
+    (D VJPs per step, vectorised) and Hutchinson's estimator above. Returns the LikelihoodResult and the points actually scored.
     """
     if divergence == "auto":
         divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"

@@ -17,7 +17,7 @@ from models.networks import PRECISIONS
 from tasks_lib.model_source import build_sde
 from tasks_lib.sample import dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS
-from training import check_train_config
+from training import check_batch_split, check_train_config
 
 __all__ = ["check_config", "check_device", "check_precision", "check_world"]
 
@@ -74,9 +74,8 @@ def check_world(cfg: DictConfig) -> None:
     if world == 1:
         return
     name, tc = cfg.task.name, cfg.task
-    if name == "train" and tc.batch_size % world:
-        raise UserError(f"task.batch_size={tc.batch_size} is the global batch and must split evenly over the {world} "
-                        f"processes; use a multiple of {world}, or start fewer processes (torchrun --nproc_per_node).")
+    if name == "train":
+        check_batch_split(tc.batch_size)
     if name in ("sample", "compare") and tc.n_samples < world:
         raise UserError(f"task.n_samples={tc.n_samples} is fewer than the {world} processes that share it; ask for at "
                         "least one sample per process, or start fewer processes.")

@@ -8,7 +8,7 @@ Public API::
 """
 from training.config import TrainConfig, TrainingError
 from training.losses import LOSSES, ddpm_loss, dsm_loss, get_loss, ncsn_loss
-from training.loop import check_train_config, resume, train
+from training.loop import check_batch_split, check_train_config, resume, train
 
-__all__ = ["train", "resume", "check_train_config", "TrainConfig", "TrainingError", "dsm_loss", "ddpm_loss", "ncsn_loss", "LOSSES",
+__all__ = ["train", "resume", "check_train_config", "check_batch_split", "TrainConfig", "TrainingError", "dsm_loss", "ddpm_loss", "ncsn_loss", "LOSSES",
            "get_loss"]

@@ -42,13 +42,22 @@ from training.losses import get_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config", "score_scale", "newest_checkpoint"]
+__all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config", "check_batch_split", "score_scale",
+           "newest_checkpoint"]
 
 
 def check_train_config(config: TrainConfig | dict) -> TrainConfig:
     """A TrainConfig with every field of the right type and in range (``TrainConfig.validate``), or TrainingError."""
     given = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return build_options(TrainConfig, given, "task=train", TrainingError)
+
+
+def check_batch_split(batch_size: int) -> None:
+    """The global batch splits evenly over the processes of this run, or a TrainingError naming the fix."""
+    world = distributed.world_size()
+    if batch_size % world:
+        raise TrainingError(f"task.batch_size={batch_size} is the global batch and must split evenly over the {world} "
+                            f"processes; use a multiple of {world}, or start fewer processes (torchrun --nproc_per_node).")
 
 
 @torch.no_grad()
@@ -296,11 +305,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     config = check_train_config(config)
     likelihood = likelihood or LikelihoodConfig()
     likelihood.validate()   # the evaluations' settings, checked before the first step rather than at the first evaluation
+    check_batch_split(config.batch_size)
     world, rank = distributed.world_size(), distributed.rank()
-    if config.batch_size % world:
-        raise TrainingError(f"task.batch_size={config.batch_size} is the global batch and must split evenly over the "
-                            f"{world} processes; use a multiple of {world}, or start fewer processes "
-                            "(torchrun --nproc_per_node).")
     device = torch.device(device)
     sde = model.sde
     if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
