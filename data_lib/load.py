@@ -1,14 +1,16 @@
 """`load_dataset`, the one way to get a :class:`Dataset` from the registry ``DATASETS``."""
 from __future__ import annotations
 
+import dataclasses
+
 from core_lib import build_options
 from data_lib.dataset import DATASETS, DataError, Dataset, _is_int
 
 __all__ = ["load_dataset"]
 
 
-def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: int = 0,
-                 **options) -> Dataset:
+def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: int = 0, hflip: bool = False,
+                 num_workers: int = 0, **options) -> Dataset:
     """Load data set ``name`` with its train/test split; the same seed gives the same tensors.
 
     Data sets and their options (defaults in brackets):
@@ -37,6 +39,8 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
         name: one of ``data_lib.AVAILABLE`` (the keys of ``DATASETS``).
         n_train, n_test: positive sample counts for the generated sets.
         seed: non-negative int.
+        hflip: flip training batches left-right at random (images (C, H, W) only).
+        num_workers: DataLoader worker processes that prepare training batches (0: in the training process).
         **options: the data set's options above.
 
     Returns:
@@ -52,5 +56,12 @@ def load_dataset(name: str, n_train: int = 50_000, n_test: int = 5_000, seed: in
             raise DataError(f"{arg} must be a positive integer, got {value!r}.")
     if not _is_int(seed) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}.")
+    if not isinstance(hflip, bool):
+        raise DataError(f"data.hflip must be true or false, got {hflip!r}.")
+    if not _is_int(num_workers) or num_workers < 0:
+        raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}.")
     options_cls, load = DATASETS[name]
-    return load(build_options(options_cls, options, f"dataset '{name}'", DataError), int(n_train), int(n_test), int(seed))
+    data = load(build_options(options_cls, options, f"dataset '{name}'", DataError), int(n_train), int(n_test), int(seed))
+    if hflip or num_workers:
+        data = dataclasses.replace(data, hflip=hflip, num_workers=int(num_workers))
+    return data

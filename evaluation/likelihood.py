@@ -128,7 +128,7 @@ def held_out_likelihood(sde, score_fn, data: Dataset, config: LikelihoodConfig, 
                         dtype: torch.dtype = torch.float32, progress: bool = False) -> HeldOutLikelihood:
     """The ODE likelihood of ``config.n_eval`` held-out points of ``data``, with KL against the exact density when known."""
     config.validate()
-    x = data.test[:config.n_eval].to(device=device, dtype=dtype)
+    x = data.test_points(config.n_eval).to(device=device, dtype=dtype)
     options = config.solver_options()
     lik, points = data_log_likelihood(sde, score_fn, data, x, seed, divergence=options.pop("divergence"),
                                       progress=progress, **options)

@@ -6,10 +6,13 @@ from pathlib import Path
 import torch
 
 
-def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tensor | None = None) -> None:
+def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tensor | None = None,
+                 value_range: tuple[float, float] | None = None) -> None:
     """Write samples (B, ...) as a PNG: an image grid for (B, C, H, W), else a scatter of the first two coordinates.
 
-    With ``data``, a scatter shows the data beside the samples.
+    With ``data``, a scatter shows the data beside the samples. Images are shown with ``value_range``
+    (the data's (low, high)) as black to white, values beyond it clipped; without it, the samples' own
+    range.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -20,11 +23,13 @@ def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tens
         n = min(len(samples), 64)
         side = int(n**0.5)
         imgs = samples[:side * side]
-        imgs = torch.nn.functional.pad(imgs, (1, 1, 1, 1), value=float(imgs.max()))  # a light frame per image
+        lo, hi = value_range if value_range is not None else (imgs.min().item(), imgs.max().item())
+        imgs = ((imgs - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0)
+        imgs = torch.nn.functional.pad(imgs, (1, 1, 1, 1), value=1.0)  # a white frame per image
         c, h, w = imgs.shape[1:]
         grid = imgs.reshape(side, side, c, h, w).permute(0, 3, 1, 4, 2).reshape(side * h, side * w, c)
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(grid.squeeze(-1).clamp(grid.min(), grid.max()).numpy(), cmap="gray" if c == 1 else None)
+        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0)
         ax.axis("off")
     else:
         flat = samples.flatten(1)

@@ -40,8 +40,9 @@ def sample_quality(samples: Tensor, data: Dataset, seed: int) -> dict[str, float
     distance between two held-out sets of those sizes: a perfect sampler's score) and, for a Gaussian
     mixture, ``mode_weight_error`` (largest |frequency − weight| over modes) and ``mode_spread_ratio``
     (RMS distance to the nearest mode ÷ that of exact draws)."""
-    out = {"swd": sliced_wasserstein(samples, data.test, seed=seed),
-           "swd_floor": sliced_wasserstein(data.train[:len(samples)], data.test, seed=seed)}
+    test = data.test_points()
+    out = {"swd": sliced_wasserstein(samples, test, seed=seed),
+           "swd_floor": sliced_wasserstein(data.decode(data.train[:len(samples)]), test, seed=seed)}
     if data.mixture is not None:
         out["mode_weight_error"], out["mode_spread_ratio"] = data.mixture.mode_report(samples)
     return out

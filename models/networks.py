@@ -186,10 +186,11 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class _ResBlock(nn.Module):
-    """GN–SiLU–conv3×3, + time projection, GN–SiLU–dropout–conv3×3; skip added and rescaled by 1/√2."""
+    """GN–SiLU–conv3×3, + time projection, GN–SiLU–dropout–conv3×3; skip added (and rescaled by 1/√2)."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, skip_rescale: bool = True):
         super().__init__()
+        self.scale = 1 / math.sqrt(2.0) if skip_rescale else 1.0
         self.norm1 = _group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
@@ -202,15 +203,16 @@ class _ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        # DDPM++'s skip_rescale: keeps the residual stream's variance from growing block by block.
-        return (self.skip(x) + h) / math.sqrt(2.0)
+        # DDPM++'s skip_rescale keeps the residual stream's variance from growing block by block; DDPM adds.
+        return (self.skip(x) + h) * self.scale
 
 
 class _AttnBlock(nn.Module):
     """Single-head self-attention over the H·W positions: GN, qkv 1×1 conv, softmax, 1×1 out conv."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, skip_rescale: bool = True):
         super().__init__()
+        self.scale = 1 / math.sqrt(2.0) if skip_rescale else 1.0
         self.norm = _group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -220,7 +222,7 @@ class _AttnBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
         h = F.scaled_dot_product_attention(q, k, v)                     # (B, 1, HW, C), softmax over keys
         h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return (x + self.proj(h)) / math.sqrt(2.0)
+        return (x + self.proj(h)) * self.scale
 
 
 class _Downsample(nn.Module):
@@ -241,12 +243,8 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 class UNet(nn.Module):
-    """A DDPM++-style U-Net in miniature for square images: (x (B, C, H, W), t (B,)) → shape of x.
+    """DDPM's U-Net for square images, with DDPM++'s skip rescaling by default: (x (B, C, H, W), t (B,)) → shape of x.
 
     Level i works at resolution image_size/2^i with base_channels·channel_mults[i] channels and
     ``num_res_blocks`` residual blocks (GroupNorm–SiLU–conv3×3, time embedding added per block,
@@ -256,21 +254,26 @@ class UNet(nn.Module):
     path is concatenated into the up path (num_res_blocks + 1 blocks per level). The middle is
     ResBlock–Attention–ResBlock. The output conv is zero-initialised (untrained output: 0).
 
+    With ``base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+    dropout=0.1, embedding="sinusoidal", groups=32, skip_rescale=False`` on 32×32×3 images this is Ho et
+    al. (2020)'s CIFAR-10 network, 35 746 307 parameters (their 35.7 M): ``model=unet_ddpm``.
+
     Args:
         in_channels: C of the data (output has the same).
         base_channels: channels at the first level; also the time-embedding size (even).
         channel_mults: one channel multiplier per level.
         num_res_blocks: residual blocks per level on the way down.
         attn_resolutions: resolutions (H) at which attention blocks are inserted.
-        image_size: H = W, a power of two divisible by 2^(levels − 1).
+        image_size: H = W, divisible by 2^(levels − 1) (28 works with two levels, 32 with up to six).
         dropout: dropout probability inside residual blocks.
         embedding: "fourier" or "sinusoidal" time embedding.
         groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
+        skip_rescale: divide each residual sum by √2 (DDPM++; the default), or add plainly (DDPM).
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2),
                  num_res_blocks: int = 1, attn_resolutions: tuple[int, ...] = (4,), image_size: int = 8,
-                 dropout: float = 0.0, embedding: str = "fourier", groups: int = 8):
+                 dropout: float = 0.0, embedding: str = "fourier", groups: int = 8, skip_rescale: bool = True):
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
         self.image_size = _positive_int("image_size", image_size)
@@ -281,9 +284,10 @@ class UNet(nn.Module):
         if not channel_mults:
             raise ModelError("channel_mults must list at least one level.")
         levels = len(channel_mults)
-        if not _is_power_of_two(self.image_size) or self.image_size < 2 ** (levels - 1):
-            raise ModelError(f"image_size must be a power of two >= 2^(levels - 1) = {2 ** (levels - 1)} "
-                             f"for {levels} levels, got {image_size}.")
+        if self.image_size % 2 ** (levels - 1):
+            raise ModelError(f"image_size must be divisible by 2^(levels - 1) = {2 ** (levels - 1)} for {levels} "
+                             f"levels (channel_mults), got {image_size}: resize the images (data.resolution) or use "
+                             f"fewer levels.")
         if not 0.0 <= dropout < 1.0:
             raise ModelError(f"dropout must be in [0, 1), got {dropout!r}.")
         attn_resolutions = set(attn_resolutions)
@@ -293,10 +297,10 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(self.in_channels, base_channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> _ResBlock:
-            return _ResBlock(cin, cout, temb_dim, dropout, groups)
+            return _ResBlock(cin, cout, temb_dim, dropout, groups, skip_rescale)
 
         def attn(ch: int, resolution: int) -> nn.Module:
-            return _AttnBlock(ch, groups) if resolution in attn_resolutions else nn.Identity()
+            return _AttnBlock(ch, groups, skip_rescale) if resolution in attn_resolutions else nn.Identity()
 
         # Down path; skip_channels records the channel count of every activation pushed for the up path.
         self.down = nn.ModuleList()
@@ -317,7 +321,7 @@ class UNet(nn.Module):
                 level.resample = nn.Identity()
             self.down.append(level)
 
-        self.mid_res1, self.mid_attn, self.mid_res2 = res(ch, ch), _AttnBlock(ch, groups), res(ch, ch)
+        self.mid_res1, self.mid_attn, self.mid_res2 = res(ch, ch), _AttnBlock(ch, groups, skip_rescale), res(ch, ch)
 
         # Up path, deepest level first, consuming the skips in reverse order.
         self.up = nn.ModuleList()
@@ -553,8 +557,8 @@ def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Modul
     """Build a network for samples of shape ``event_shape``.
 
     "mlp": ``MLPScoreNet(dim=prod(event_shape), **kwargs)`` (any event shape; flattened inside).
-    "unet": ``UNet(in_channels=C, image_size=H, **kwargs)`` for event_shape (C, H, W), H == W a
-    power of two. The network keeps what rebuilds it as ``net.spec`` (kind, event shape, kwargs),
+    "unet": ``UNet(in_channels=C, image_size=H, **kwargs)`` for event_shape (C, H, W), H == W
+    divisible by 2^(levels − 1). The network keeps what rebuilds it as ``net.spec`` (kind, event shape, kwargs),
     which checkpoints store.
     """
     if kind not in NETWORKS:
@@ -572,9 +576,9 @@ def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Modul
     if kind == "mlp":
         net = MLPScoreNet(math.prod(event_shape), **kwargs)
     else:
-        if len(event_shape) != 3 or event_shape[1] != event_shape[2] or not _is_power_of_two(event_shape[1]):
-            raise ModelError(f"a unet needs event_shape (C, H, W) with H == W a power of two, e.g. (1, 8, 8) or "
-                             f"(3, 32, 32); got {event_shape}.")
+        if len(event_shape) != 3 or event_shape[1] != event_shape[2]:
+            raise ModelError(f"a unet needs square images, event_shape (C, H, W) with H == W, e.g. (1, 8, 8) or "
+                             f"(3, 32, 32); got {event_shape}: crop them square (data.resolution).")
         net = UNet(in_channels=event_shape[0], image_size=event_shape[1], **kwargs)
     net.spec = {"kind": kind, "event_shape": list(event_shape), **kwargs}
     return net

@@ -63,7 +63,11 @@ def test_shapes_and_dtypes(name, event_shape, sizes, array_file):
     assert torch.isfinite(data.train).all() and torch.isfinite(data.test).all()
 
 
-@pytest.mark.parametrize("name", AVAILABLE)
+#: Image sets read files the tests write (tests/data_lib/test_images.py); CIFAR-10's and MNIST's splits are fixed.
+FILE_FREE = [name for name in AVAILABLE if name not in ("image_folder", "cifar10", "mnist")]
+
+
+@pytest.mark.parametrize("name", FILE_FREE)
 def test_same_seed_same_tensors_other_seed_other_tensors(name, array_file):
     opts = _options(name, array_file)
     a, b, c = _load(name, seed=3, **opts), _load(name, seed=3, **opts), _load(name, seed=4, **opts)

@@ -321,8 +321,8 @@ def test_build_network():
 
 @pytest.mark.parametrize("call,match", [
     (lambda: build_network("resnet", (2,)), "unknown network kind 'resnet'; available: mlp, unet"),
-    (lambda: build_network("unet", (1, 8, 4)), r"unet needs event_shape \(C, H, W\) with H == W a power of two"),
-    (lambda: build_network("unet", (1, 12, 12)), "power of two"),
+    (lambda: build_network("unet", (1, 8, 4)), r"unet needs square images, event_shape \(C, H, W\) with H == W"),
+    (lambda: build_network("unet", (1, 12, 12), channel_mults=(1, 2, 2, 2)), r"divisible by 2\^\(levels - 1\) = 8"),
     (lambda: build_network("unet", (64,)), r"\(C, H, W\)"),
     (lambda: build_network("mlp", ()), "non-empty tuple of positive integers"),
     (lambda: build_network("mlp", (2.5,)), r"positive integers, got \(2.5,\)"),
@@ -331,7 +331,7 @@ def test_build_network():
     (lambda: ScoreModel(MLPScoreNet(2), VPSDE(), sigma_data=0.0), "sigma_data must be positive"),
     (lambda: MLPScoreNet(2, embedding="rope"), "unknown embedding 'rope'; available: fourier, sinusoidal"),
     (lambda: MLPScoreNet(0), "dim must be an integer >= 1"),
-    (lambda: UNet(image_size=4, channel_mults=(1, 2, 2, 2)), r"power of two >= 2\^\(levels - 1\) = 8"),
+    (lambda: UNet(image_size=4, channel_mults=(1, 2, 2, 2)), r"divisible by 2\^\(levels - 1\) = 8 .*data.resolution"),
     (lambda: UNet(channel_mults=()), "at least one level"),
     (lambda: UNet(dropout=1.0), "dropout"),
 ])
