@@ -1,6 +1,6 @@
 """Forward SDEs with Gaussian transition kernels (docs/math.md §1–§3).
 
-All three SDEs are linear, ``dx = f(t) x dt + g(t) dw``, so the perturbation kernel is
+Every SDE here is linear, ``dx = f(t) x dt + g(t) dw``, so the perturbation kernel is
 ``x_t | x_0 ~ N(α(t) x_0, s(t)² I)``. The base class derives everything a sampler needs
 (drift, marginals, prior, half log-SNR, reverse process) from four scalar schedules that each
 SDE defines: ``log_mean_coeff`` (log α), ``marginal_var`` (s²), ``drift_coeff`` (f) and
@@ -21,8 +21,8 @@ from core_lib import UserError
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "ReverseSDE", "batch_broadcast", "SDEError", "SDES", "get_sde",
-           "sde_name"]
+__all__ = ["SDE", "VPSDE", "subVPSDE", "VESDE", "VPCosineSDE", "TabulatedVPSDE", "ReverseSDE", "batch_broadcast",
+           "SDEError", "SDES", "get_sde", "sde_name"]
 
 
 class SDEError(UserError):
@@ -427,13 +427,257 @@ class VESDE(SDE):
         return torch.ones_like(v), v
 
 
+class _AlphaBarVP(SDE):
+    """A VP SDE given by its signal fraction ᾱ(t) = α(t)² (docs/diffusers.md §1).
+
+    With L(t) = log ᾱ(t), decreasing from L(0) = 0: log α = L/2, s² = 1 − ᾱ, β(t) = −L′(t) ≥ 0,
+    f = −½β and g² = β (so that d s²/dt = 2 f s² + g²), and λ = ½(L − log(1 − e^L)), inverted through
+    L = −softplus(−2λ) as for VP. Subclasses give L, β and the inverse of L, in float64 on [0, T];
+    the schedules clamp t to [0, T] (as VP's do) and return the dtype of t.
+    """
+
+    @abc.abstractmethod
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        """L(t) = log ᾱ(t) for float64 t in [0, T]."""
+
+    @abc.abstractmethod
+    def beta(self, t: Tensor) -> Tensor:
+        """β(t) = −dL/dt ≥ 0 for float64 t in [0, T]."""
+
+    @abc.abstractmethod
+    def t_from_log_alpha_bar(self, L: Tensor) -> Tensor:
+        """The t with L(t) = L (float64 in and out); an L below L(T) continues beyond T with slope −β(T)."""
+
+    def _at(self, schedule: Callable[[Tensor], Tensor], t) -> Tensor:
+        t = _as_tensor(t)
+        out = schedule(t.double().clamp(0.0, self.T))
+        return out.to(t.dtype) if t.is_floating_point() else out
+
+    def log_mean_coeff(self, t: Tensor) -> Tensor:
+        return 0.5 * self._at(self.log_alpha_bar, t)
+
+    def marginal_var(self, t: Tensor) -> Tensor:
+        return self._at(lambda u: -torch.expm1(self.log_alpha_bar(u)), t)
+
+    def drift_coeff(self, t: Tensor) -> Tensor:
+        return -0.5 * self._at(self.beta, t)
+
+    def diffusion_sq(self, t: Tensor) -> Tensor:
+        return self._at(self.beta, t)
+
+    @property
+    def prior_std(self) -> float:
+        return 1.0
+
+    def t_from_half_log_snr(self, lam: Tensor) -> Tensor:
+        lam = _as_tensor(lam)
+        t = self.t_from_log_alpha_bar(-torch.nn.functional.softplus(-2 * lam.double()))
+        return t.to(lam.dtype) if lam.is_floating_point() else t
+
+
+class VPCosineSDE(_AlphaBarVP):
+    """Nichol & Dhariwal's cosine schedule as a VP SDE, with β capped at β_max (docs/diffusers.md §2).
+
+    ᾱ(t) = f(t)/f(0) with f(t) = cos²θ(t), θ(t) = (t + s)/(1 + s)·π/2, hence β(t) = π tan θ(t)/(1 + s).
+    At t = 1 the cosine reaches ᾱ = 0 with β = ∞, a noise level no Gaussian prior has. The cap:
+    β(t) = min(π tan θ(t)/(1 + s), β_max), so log ᾱ follows the cosine up to t_c, where β(t_c) = β_max,
+    and falls on linearly with slope −β_max; β stays continuous, every schedule and its inverse stay
+    closed forms, and T = 1 is kept. β_max = 999 is diffusers' ``squaredcos_cap_v2`` in continuous form:
+    its betas are clipped at 0.999, and a VP chain has β_i ≈ β(t_i)/N, i.e. β ≤ 999 at N = 1000 (it is
+    also DPM-Solver's ``cosine_beta_max``). Then t_c ≈ 0.998, ᾱ(t_c) ≈ 9.7e-6, ᾱ(1) ≈ 1.3e-6:
+    λ(1) ≈ −6.8, against VP's −5.0.
+
+    Its N-step chain is diffusers' ``squaredcos_cap_v2`` exactly (``betas_for_alpha_bar``, computed the
+    same way): β_i = min(1 − f((i+1)/N)/f(i/N), 0.999). Only clipped steps (the last one at N = 1000)
+    leave the cosine; the clipped last index is noisier than ᾱ(1) and its time lies beyond T.
+
+    Args:
+        cosine_s: the offset s, which keeps β(0) = π tan(πs/(2(1 + s)))/(1 + s) ≈ 0.039 away from 0.
+        beta_max: the cap of β(t).
+        N: steps of the discrete chain.
+    """
+
+    _hparam_names = ("cosine_s", "beta_max", "N")
+    #: diffusers' ``betas_for_alpha_bar(max_beta=0.999)``: the clip of the chain's β_i
+    MAX_CHAIN_BETA = 0.999
+
+    def __init__(self, cosine_s: float = 0.008, beta_max: float = 999.0, N: int = 1000):
+        super().__init__(N)
+        if not (math.isfinite(cosine_s) and 0 < cosine_s < 1):
+            raise SDEError(f"sde.cosine_s: need 0 < cosine_s < 1, got {cosine_s}.")
+        self.cosine_s, self.beta_max = float(cosine_s), float(beta_max)
+        self._dtheta = math.pi / (2 * (1 + self.cosine_s))             # dθ/dt; β = 2 (dθ/dt) tan θ
+        self._theta0 = self.cosine_s * self._dtheta
+        beta0 = 2 * self._dtheta * math.tan(self._theta0)
+        if not (math.isfinite(beta_max) and beta_max > beta0):
+            raise SDEError(f"sde.beta_max: need a finite cap above β(0) = {beta0:.4g}, got {beta_max}.")
+        theta_c = math.atan(self.beta_max / (2 * self._dtheta))
+        self.t_cap = theta_c / self._dtheta - self.cosine_s
+        self._L_cap = self._cosine(torch.tensor(self.t_cap, dtype=torch.float64)).item()
+
+    def _cosine(self, t: Tensor) -> Tensor:
+        """2 log(cos θ/cos θ₀) = 2 log1p(cos δ − 1 − tan θ₀ sin δ), δ = θ − θ₀: no cancellation as t → 0."""
+        delta = t * self._dtheta
+        return 2 * torch.log1p(-2 * torch.sin(delta / 2) ** 2 - math.tan(self._theta0) * torch.sin(delta))
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        return torch.where(t <= self.t_cap, self._cosine(t), self._L_cap - self.beta_max * (t - self.t_cap))
+
+    def beta(self, t: Tensor) -> Tensor:
+        tan = torch.tan((t + self.cosine_s) * self._dtheta)
+        return torch.where(t <= self.t_cap, 2 * self._dtheta * tan, torch.full_like(t, self.beta_max))
+
+    def t_from_log_alpha_bar(self, L: Tensor) -> Tensor:
+        # cos θ = cos θ₀ e^{L/2}, and sin²θ = sin²θ₀ − cos²θ₀ expm1(L) without cancellation near θ₀
+        cos0, sin0 = math.cos(self._theta0), math.sin(self._theta0)
+        theta = torch.atan2(torch.sqrt(sin0**2 - cos0**2 * torch.expm1(L)), cos0 * torch.exp(0.5 * L))
+        cosine = theta / self._dtheta - self.cosine_s
+        return torch.where(L >= self._L_cap, cosine, self.t_cap + (self._L_cap - L) / self.beta_max).clamp_min(0.0)
+
+    def discrete_betas(self) -> Tensor:
+        """diffusers' ``squaredcos_cap_v2`` β_0..β_{N−1} for N steps (float64, before diffusers' float32)."""
+        s = self.cosine_s
+
+        def f(t: float) -> float:
+            return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+        n = self.N
+        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), self.MAX_CHAIN_BETA) for i in range(n)],
+                            dtype=torch.float64)
+
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        betas = self.discrete_betas()
+        return torch.sqrt(1 - betas), betas
+
+
+def _pchip_slopes(y: Tensor, h: float) -> Tensor:
+    """Fritsch–Carlson slopes at equally spaced knots y (spacing h): the monotone C¹ cubic's, as scipy's pchip.
+
+    Inside, the harmonic mean of the neighbouring secants (0 where they differ in sign); at the ends the
+    shape-preserving three-point formula.
+    """
+    delta = torch.diff(y) / h
+    d = torch.zeros_like(y)
+    left, right = delta[:-1], delta[1:]
+    same = left * right > 0
+    d[1:-1] = torch.where(same, 2 / torch.where(same, 1 / left + 1 / right, torch.ones_like(left)), 0.0)
+    for end, (d0, d1) in ((0, (delta[0], delta[1])), (-1, (delta[-1], delta[-2]))):
+        slope = (3 * d0 - d1) / 2
+        if slope * d0 <= 0:
+            slope = torch.zeros_like(slope)
+        elif d0 * d1 <= 0 and abs(slope) > abs(3 * d0):
+            slope = 3 * d0
+        d[end] = slope
+    return d
+
+
+class TabulatedVPSDE(_AlphaBarVP):
+    """The VP SDE of a discrete β table (DDPM's, any diffusers scheduler's), continuous in t (docs/diffusers.md §1).
+
+    The table's ᾱ_i = Π_{j≤i}(1 − β_j), i = 0..M−1, sits at t_i = (i + 1)/M, where DDPM's x_{i+1} has
+    its noise (diffusers' timestep i). log ᾱ is the monotone C¹ cubic (PCHIP, Fritsch & Carlson 1980)
+    through (0, 0) and the (t_i, log ᾱ_i): β(t) = −d log ᾱ/dt is continuous and ≥ 0 (no kinks for an
+    adaptive solver), and ᾱ(t_i) = ᾱ_i, so ``chain_times()[i] = t_i`` and ``chain_position(t) = Mt − 1``.
+    With N = M (the default) the chain is the table itself, a_i = √(1 − β_i), v_i = β_i, and the chain
+    samplers walk the scheduler's own steps; another N gives the N-step chain of the same SDE,
+    ᾱ_j = ᾱ((j + 1)/N) (for N dividing M, the scheduler's ``trailing`` timesteps).
+    For linear betas linspace(β_min/M, β_max/M, M) it is VPSDE(β_min, β_max) up to log(1 − β) ≈ −β.
+
+    Args:
+        betas: β_0..β_{M−1}, each in (0, 1).
+        N: steps of the discrete chain; None: M.
+    """
+
+    _hparam_names = ("betas", "N")
+    #: bisections then Newton steps of the inverse of L on one knot interval: a bracket of 1e-9 of the interval,
+    #: then float64 precision (Newton converges quadratically there unless β(t) = 0 at the root)
+    _BISECTIONS, _NEWTON_STEPS = 30, 3
+
+    def __init__(self, betas, N: int | None = None):
+        table = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if len(table) < 2 or not bool(((table > 0) & (table < 1)).all()):
+            raise SDEError("betas: need a table of at least 2 values, each in (0, 1) (ᾱ = 0, as with zero "
+                           "terminal SNR, has no Gaussian prior).")
+        super().__init__(len(table) if N is None else N)
+        self.betas = tuple(table.tolist())
+        y = torch.cat([table.new_zeros(1), torch.cumsum(torch.log1p(-table), 0)])   # log ᾱ at k/M, k = 0..M
+        self._spline_cache = {torch.device("cpu"): (y, _pchip_slopes(y, 1 / len(table)))}
+
+    def __repr__(self) -> str:
+        b = self.betas
+        return f"TabulatedVPSDE(betas=[{b[0]:.4g}, ..., {b[-1]:.4g}] ({len(b)} values), N={self.N})"
+
+    def _spline(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(log ᾱ, slope) at the knots k/M, k = 0..M, float64 on ``device``."""
+        if device not in self._spline_cache:
+            y, d = self._spline_cache[torch.device("cpu")]
+            self._spline_cache[device] = (y.to(device), d.to(device))
+        return self._spline_cache[device]
+
+    @staticmethod
+    def _hermite(y0, y1, m0, m1, u, derivative: bool = False) -> Tensor:
+        """The cubic with values y0, y1 and slopes m0, m1 (per unit u) at u = 0, 1; or its derivative in u."""
+        if derivative:
+            return (6 * u**2 - 6 * u) * (y0 - y1) + (3 * u**2 - 4 * u + 1) * m0 + (3 * u**2 - 2 * u) * m1
+        return (2 * u**3 - 3 * u**2 + 1) * y0 + (u**3 - 2 * u**2 + u) * m0 + (-2 * u**3 + 3 * u**2) * y1 \
+            + (u**3 - u**2) * m1
+
+    def _segment(self, k: Tensor, device) -> tuple[Tensor, ...]:
+        y, d = self._spline(device)
+        M = len(y) - 1
+        return y[k], y[k + 1], d[k] / M, d[k + 1] / M, M
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        M = len(self.betas)
+        k = torch.floor(t * M).long().clamp(0, M - 1)
+        y0, y1, m0, m1, _ = self._segment(k, t.device)
+        return self._hermite(y0, y1, m0, m1, t * M - k)
+
+    def beta(self, t: Tensor) -> Tensor:
+        M = len(self.betas)
+        k = torch.floor(t * M).long().clamp(0, M - 1)
+        y0, y1, m0, m1, _ = self._segment(k, t.device)
+        return (-M * self._hermite(y0, y1, m0, m1, t * M - k, derivative=True)).clamp_min(0.0)
+
+    def t_from_log_alpha_bar(self, L: Tensor) -> Tensor:
+        # The knot interval by searchsorted on −log ᾱ (increasing), then the cubic's root in it: bisections, then
+        # Newton steps kept inside the bracket; a fixed count, so no host sync.
+        y, d = self._spline(L.device)
+        M = len(y) - 1
+        flat = L.reshape(-1)
+        k = (torch.searchsorted(-y, (-flat).contiguous(), right=True) - 1).clamp(0, M - 1)
+        y0, y1, m0, m1, _ = self._segment(k, L.device)
+        lo, hi = torch.zeros_like(flat), torch.ones_like(flat)
+        for _ in range(self._BISECTIONS):
+            mid = (lo + hi) / 2
+            above = self._hermite(y0, y1, m0, m1, mid) > flat      # L still above the target: the root is further
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        u = (lo + hi) / 2
+        for _ in range(self._NEWTON_STEPS):
+            slope = self._hermite(y0, y1, m0, m1, u, derivative=True)
+            step = (self._hermite(y0, y1, m0, m1, u) - flat) / torch.where(slope < 0, slope, -torch.ones_like(slope))
+            u = torch.minimum(torch.maximum(u - torch.where(slope < 0, step, 0.0), lo), hi)
+        t = (k + u) / M
+        beyond = 1 + (flat - y[M]) / d[M]              # below the last knot: on along the last slope
+        return torch.where(flat < y[M], beyond, t).reshape(L.shape)
+
+    def discrete_chain(self) -> tuple[Tensor, Tensor]:
+        if self.N == len(self.betas):
+            betas = torch.tensor(self.betas, dtype=torch.float64)
+            return torch.sqrt(1 - betas), betas
+        t = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
+        step = torch.diff(self.log_alpha_bar(t), prepend=torch.zeros(1, dtype=torch.float64))   # log(ᾱ_j/ᾱ_{j−1})
+        return torch.exp(0.5 * step), -torch.expm1(step)
+
+
 #: The SDE registry: the name used by ``conf/sde/<name>.yaml``, ``sde=<name>`` and the pretrained
 #: models' file names, to its class. Everything that lists the SDEs reads it from here.
-SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE}
+SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": subVPSDE, "ve": VESDE, "vp_cosine": VPCosineSDE}
 
 
 def get_sde(name: str, **hparams) -> SDE:
-    """The SDE registered as ``name`` ("vp", "subvp", "ve") built with ``hparams``, or an SDEError listing the names."""
+    """The SDE registered as ``name`` ("vp", "subvp", "ve", "vp_cosine") built with ``hparams``, or an SDEError listing
+    the names."""
     if name not in SDES:
         raise SDEError(f"unknown SDE {name!r}; available: {', '.join(SDES)}.")
     return SDES[name](**hparams)

@@ -1,4 +1,4 @@
-"""Which score model a task uses: a shipped pretrained one, the data's exact score, or a checkpoint.
+"""Which score model a task uses: a shipped pretrained one, the data's exact score, a checkpoint, or a diffusers model.
 
 ``ckpt=pretrained`` (the default) picks the model this project trained and ships for the data and
 SDE (``models/pretrained/<data>_<sde>.pt``; ``python benchmarks/train_quality.py --export`` recreates them).
@@ -6,6 +6,9 @@ SDE (``models/pretrained/<data>_<sde>.pt``; ``python benchmarks/train_quality.py
 checkpoint. A checkpoint brings its own SDE, network and data; settings given on the command line
 apply only where they agree with it (``sde.N``, the number of discretisation steps, is free; data
 of the same shape may replace the training data), and a contradiction is refused.
+``ckpt=diffusers:DIR`` converts a diffusers pipeline directory (``models.from_diffusers``): its scheduler
+gives the SDE (only ``sde.N`` may change), its UNet the score; it has no data, so ``data=`` of its shape
+gives the held-out points, which ``task=likelihood`` and ``task=compare`` need.
 """
 from __future__ import annotations
 
@@ -22,12 +25,16 @@ from core_lib import UserError
 from data_lib import Dataset
 from evaluation import load_data
 from models import MixtureScore, load_checkpoint
+from models.from_diffusers import PipelineInfo, inspect_pipeline, load_pipeline
 from sde_lib import SDE, sde_name
 from tasks_lib.schema import model_schema
 
-__all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "overridden_keys"]
+__all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "overridden_keys",
+           "diffusers_request", "DIFFUSERS_PREFIX"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
+#: ``ckpt=diffusers:DIR``: a pipeline directory written by diffusers' ``save_pretrained`` (or a Hub id).
+DIFFUSERS_PREFIX = "diffusers:"
 
 
 @dataclasses.dataclass
@@ -37,18 +44,24 @@ class ResolvedModel:
     Attributes:
         sde: the SDE to sample and score with (the checkpoint's, with ``sde.N`` if given).
         score_fn: ``score_fn(x, t, **cond)``.
-        data: the data set whose held-out split is scored.
-        source: "pretrained", "exact" or "checkpoint".
-        path: the checkpoint file (None for the exact score).
-        train_steps: training steps of the checkpoint (None for the exact score).
+        data: the data set whose held-out split is scored; None for a diffusers model given no ``data=``.
+        source: "pretrained", "exact", "checkpoint" or "diffusers".
+        path: the checkpoint file or pipeline directory (None for the exact score).
+        train_steps: training steps of the checkpoint (None for the exact score and a diffusers model).
+        event_shape: the shape of one sample (default: the data's).
     """
 
     sde: SDE
     score_fn: Callable
-    data: Dataset
+    data: Optional[Dataset]
     source: str
     path: Optional[str] = None
     train_steps: Optional[int] = None
+    event_shape: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.event_shape is None:
+            self.event_shape = self.data.event_shape
 
 
 def pretrained_path(data_name: str, sde_choice: str) -> Path:
@@ -87,9 +100,13 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
         UserError: no pretrained model for the data and SDE, data without an exact score, or a
             command-line setting that contradicts the checkpoint.
         models.CheckpointError: a missing, corrupt or mismatched checkpoint.
+        models.from_diffusers.DiffusersError: a diffusers pipeline that is missing or not supported.
     """
     asked = build_sde(cfg.sde)
     choice = sde_name(asked)
+    pipeline = diffusers_request(cfg, overridden)
+    if pipeline is not None:
+        return _resolve_diffusers(cfg, overridden, device, pipeline, asked)
     if cfg.ckpt == "exact":
         data = load_data(cfg.data, cfg.seed)
         if data.mixture is None:
@@ -134,6 +151,52 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
     # precision=, compile=: the network's forward only (an exact score has no network)
     loaded.score_fn.set_precision(cfg.precision, cfg.compile)
     return ResolvedModel(sde, loaded.score_fn, data, source, str(path), loaded.step)
+
+
+def diffusers_request(cfg: DictConfig, overridden: set[str]) -> Optional[PipelineInfo]:
+    """For ``ckpt=diffusers:DIR``, the pipeline's description, checked against the command line; None for other ckpts.
+
+    It reads JSON files only, so ``check_config`` runs it before any work. Refused (a UserError, one line):
+    whatever ``models.from_diffusers.inspect_pipeline`` refuses; ``sde`` settings other than ``sde.N`` (the
+    scheduler defines the SDE); ``model`` settings (the pipeline's UNet is the network); ``task=likelihood``
+    and ``task=compare`` without ``data=`` (a diffusers model has no held-out data).
+    """
+    ckpt = str(cfg.ckpt)
+    if not ckpt.startswith(DIFFUSERS_PREFIX):
+        return None
+    source = ckpt[len(DIFFUSERS_PREFIX):]
+    if not source:
+        raise UserError("ckpt=diffusers: names no pipeline; give ckpt=diffusers:DIR, DIR written by "
+                        "pipeline.save_pretrained(DIR).")
+    info = inspect_pipeline(source)
+    sde_keys = sorted(k for k in overridden if _touches({k}, "sde") and k != "sde.N")
+    if sde_keys:
+        raise UserError(f"ckpt={ckpt} brings its own SDE, from its {info.describe()}; drop {', '.join(sde_keys)} "
+                        "(sde.N, the steps of the discrete chain, may change).")
+    model_keys = sorted(k for k in overridden if _touches({k}, "model"))
+    if model_keys:
+        raise UserError(f"ckpt={ckpt} brings its own network, the pipeline's UNet2DModel; drop "
+                        f"{', '.join(model_keys)}.")
+    if cfg.task.name in ("likelihood", "compare") and not _touches(overridden, "data"):
+        raise UserError(f"task={cfg.task.name} scores held-out data, and a diffusers model comes with none: give data= "
+                        f"with samples of its shape {info.event_shape} (e.g. data=array data.path=FILE.npy).")
+    return info
+
+
+def _resolve_diffusers(cfg: DictConfig, overridden: set[str], device: torch.device, info: PipelineInfo,
+                       asked: SDE) -> ResolvedModel:
+    """The diffusers model of ``info`` with ``data=`` if given (of the model's shape), and ``sde.N`` if given."""
+    data = None
+    if _touches(overridden, "data"):
+        data = load_data(cfg.data, cfg.seed)
+        if data.event_shape != info.event_shape:
+            raise UserError(f"data={data.name} has samples of shape {data.event_shape}, but ckpt={cfg.ckpt} models "
+                            f"shape {info.event_shape}; give data of that shape.")
+    sde, model, _ = load_pipeline(info, device)
+    if "sde.N" in overridden and asked.N != sde.N:
+        sde = sde.with_steps(asked.N)   # the same SDE, its chain re-discretised; the model keeps its own
+    model.set_precision(cfg.precision, cfg.compile)
+    return ResolvedModel(sde, model, data, "diffusers", str(info.path), event_shape=info.event_shape)
 
 
 def _fmt(params: dict) -> str:
