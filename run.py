@@ -3,8 +3,10 @@
 Composes the hydra config in ``conf/`` (typed by ``tasks_lib.schema``) and runs the task:
 ``task=sample`` (the default) draws samples and scores held-out data, ``task=likelihood`` computes
 the ODE log-likelihood of held-out data, ``task=compare`` runs several samplers at several NFE
-budgets side by side, ``task=train`` trains a score model. The model is the shipped pretrained one
-(``ckpt=pretrained``), the data's exact score (``ckpt=exact``) or a checkpoint (``ckpt=PATH``).
+budgets side by side, ``task=train`` trains a score model, ``task=export`` writes a checkpoint as a
+sampling-only ``model.safetensors`` + ``config.json``. The model is the shipped pretrained one
+(``ckpt=pretrained``), the data's exact score (``ckpt=exact``), a checkpoint (``ckpt=PATH``: a .pt
+file or an export directory) or a diffusers pipeline directory (``ckpt=diffusers:DIR``).
 
 Before hydra starts, the overrides are composed and checked once (a misspelt key, a wrong type or
 a value out of range is one ``error:`` line, exit code 2) and the run directory is claimed (refused,
@@ -15,7 +17,9 @@ are printed once.
 from __future__ import annotations
 
 import datetime
+import logging
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +41,10 @@ register_configs()
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, RunInterrupted.exit_code, Preempted.exit_code
 #: What a rank other than 0 of a torchrun job adds to hydra's overrides: rank 0 alone writes into the run directory.
 QUIET_RANK = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+#: What a run directory holds before its task has written anything: hydra's record, its log, the lock.
+BOOKKEEPING = {".hydra", "run.log", ".lock"}
+#: The run directory this invocation created (None: it existed before, or another rank's).
+_created: Path | None = None
 
 
 def _interrupt(signum, frame):
@@ -99,7 +107,7 @@ def _prepare(argv: list[str]) -> list[str]:
     except (HydraException, OmegaConfBaseException) as err:
         _fail(_composition_error(err))
     try:   # every setting, before the run directory exists (run_task checks again for callers from Python)
-        check_config(cfg)
+        check_config(cfg, overridden_keys(argv))
     except UserError as err:
         _fail(str(err))
     given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
@@ -111,9 +119,12 @@ def _prepare(argv: list[str]) -> list[str]:
             distributed.init(check_device(cfg.device))
         except UserError as err:
             _fail(str(err))
+    global _created
     run_dir, refused = (Path(given[-1]) if given else _stamp("outputs")), None
     if distributed.is_main():
         try:
+            if not run_dir.exists():
+                _created = run_dir.resolve()
             claim_run_dir(run_dir)
         except UserError as err:
             refused = f"hydra.run.dir: {err}"
@@ -123,6 +134,17 @@ def _prepare(argv: list[str]) -> list[str]:
     # hydra's own naming, made unique: two runs started in the same second get two directories
     extra = [] if given else [f"hydra.run.dir={run_dir}"]
     return [*argv, *extra, *([] if distributed.is_main() else QUIET_RANK)]
+
+
+def _discard_if_empty(out: Path) -> None:
+    """Remove the run directory this invocation created when its task failed before writing anything into it
+    (bad data found while loading it: a corrupt image, a missing batch file), so that bad input leaves
+    nothing behind. A directory that existed before, or holds anything but hydra's bookkeeping, stays."""
+    out = out.resolve()
+    if out != _created or not out.is_dir() or not {p.name for p in out.iterdir()} <= BOOKKEEPING:
+        return
+    logging.shutdown()   # hydra's run.log handler lets go of the file
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -135,6 +157,7 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics = run_task(cfg, out, overridden_keys(HydraConfig.get().overrides.task))
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
+        _discard_if_empty(out)
         _fail(str(err), err.exit_code if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):

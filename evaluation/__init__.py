@@ -8,7 +8,7 @@ Public API::
     evaluation.data_log_likelihood(...), scored_points(...), exact_nll(...)
     evaluation.sample_quality(samples, data, seed)      # sliced W1, its floor, mode statistics
     evaluation.save_samples(...), save_trajectories(...)
-    evaluation.RunOutput(run_dir)                       # the one writer of a run's files
+    evaluation.RunOutput(run_dir, logger="csv")         # the one writer of a run's files (LOGGERS: csv, tensorboard)
     evaluation.sample_on_ranks(...), log_likelihood_on_ranks(...)   # split across torchrun's ranks, gathered
 """
 from collections.abc import Mapping
@@ -17,15 +17,15 @@ from typing import Any
 from data_lib import Dataset, load_dataset
 from evaluation.likelihood import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, LikelihoodConfig, data_log_likelihood,
                                    exact_nll, held_out_likelihood, scored_points)
-from evaluation.outputs import RunDirError, RunOutput, claim_run_dir, release_run_dir
+from evaluation.outputs import LOGGERS, RunDirError, RunOutput, claim_run_dir, release_run_dir
 from evaluation.plots import save_samples, save_trajectories
 from evaluation.quality import sample_quality, sliced_wasserstein
 from evaluation.ranks import log_likelihood_on_ranks, sample_on_ranks
 
 __all__ = ["load_data", "LikelihoodConfig", "HeldOutLikelihood", "held_out_likelihood", "data_log_likelihood",
            "scored_points", "exact_nll", "EXACT_DIVERGENCE_MAX_DIM", "sample_quality", "sliced_wasserstein",
-           "save_samples", "save_trajectories", "RunOutput", "RunDirError", "claim_run_dir", "release_run_dir",
-           "sample_on_ranks", "log_likelihood_on_ranks"]
+           "save_samples", "save_trajectories", "RunOutput", "LOGGERS", "RunDirError", "claim_run_dir",
+           "release_run_dir", "sample_on_ranks", "log_likelihood_on_ranks"]
 
 
 def load_data(options: Mapping[str, Any], seed: int) -> Dataset:

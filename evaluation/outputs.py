@@ -7,6 +7,10 @@ and checkpoint is written atomically (``core_lib.atomic_write``: temporary file,
 so a full disk or an interrupt leaves no partial file. Side effects that only one process may have in
 a multi-process run go through this class alone: in a torchrun job only rank 0's RunOutput claims the
 directory and writes; on the other ranks every method is a no-op (and the progress bar is hidden).
+
+With ``logger="tensorboard"`` the CSV logs are still written, and every row's numeric values also go
+to a TensorBoard ``SummaryWriter`` in ``<run dir>/tensorboard/`` (tag ``train/loss`` for column
+``loss`` of ``train_log``, at global step ``row["step"]``), and every PNG figure as an image.
 """
 from __future__ import annotations
 
@@ -24,9 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from core_lib import OutputError, UserError, atomic_write, distributed
-from models.checkpoint import save_checkpoint
+from models.checkpoint import export_checkpoint, save_checkpoint
 
-__all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir", "run_identity"]
+__all__ = ["RunOutput", "RunDirError", "claim_run_dir", "release_run_dir", "run_identity", "LOGGERS"]
+
+#: Where a run's log rows go besides its CSV files (``logger=...``): nowhere else, or TensorBoard event files.
+LOGGERS = ("csv", "tensorboard")
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +97,25 @@ class RunOutput:
     """The files of one run in ``run_dir``, which it claims (:func:`claim_run_dir`) for this process.
 
     ``writes`` is False on the ranks other than 0 of a torchrun job: they claim nothing and write nothing.
+    ``logger``: one of :data:`LOGGERS`; "tensorboard" also writes the log rows and PNG figures as TensorBoard
+    events into ``run_dir/tensorboard/`` (the writer is opened at the first of them).
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, logger: str = "csv"):
+        if logger not in LOGGERS:
+            raise UserError(f"logger: must be one of {', '.join(LOGGERS)}, got {logger!r}.")
         self.run_dir = Path(run_dir)
         self.writes = distributed.is_main()
+        self.logger = logger
         if self.writes:
             claim_run_dir(self.run_dir)
             log.info("run: %s, in %s", run_identity(), self.run_dir)   # hydra's run.log carries who wrote it
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._logs: dict[str, tuple[Any, csv.DictWriter]] = {}
         self.progress: tqdm | None = None
+        self._board = None               # the SummaryWriter, opened on first use
+        self._step = 0                   # the newest logged row's step: where a figure without a step goes
+        self._purge_step: int | None = None   # a resumed run's first redone step (truncate_log)
 
     def path(self, name: str) -> Path:
         """Where file ``name`` of the run goes (the directory is created on first use)."""
@@ -125,11 +140,29 @@ class RunOutput:
                 np.savez(f, **arrays)
         atomic_write(self.path(name), write)
 
-    def write_figure(self, name: str, plot: Callable[..., None], *args, **kwargs) -> None:
-        """``plot(path, *args, **kwargs)`` into file ``name`` (see ``evaluation.plots``)."""
+    def write_figure(self, name: str, plot: Callable[..., None], *args, step: int | None = None, **kwargs) -> None:
+        """``plot(path, *args, **kwargs)`` into file ``name`` (see ``evaluation.plots``).
+
+        With ``logger="tensorboard"`` a PNG also goes in as image ``<name without .png>`` at global step
+        ``step`` (None: the step of the newest logged row, 0 before any).
+        """
         if not self.writes:
             return
         atomic_write(self.path(name), lambda tmp: plot(Path(tmp), *args, **kwargs))
+        if self.logger == "tensorboard" and name.endswith(".png"):
+            from matplotlib.image import imread
+
+            image = imread(self.path(name))[..., :3]   # float RGB(A) in [0, 1], height x width x channels
+            self._writer().add_image(Path(name).stem, image, global_step=self._step if step is None else step,
+                                     dataformats="HWC")
+            self._board.flush()
+
+    def export(self, name: str, src: str | Path, format: str) -> Path:
+        """A sampling-only export of checkpoint ``src`` as ``name`` (``models.checkpoint.export_checkpoint``:
+        a directory for format "safetensors", a .pt file for "pt"); returns its path."""
+        if self.writes:
+            export_checkpoint(src, self.path(name), format)
+        return self.run_dir / name
 
     def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """metrics.json: the run's flat result keys and ``run`` (its identity); written last, it marks the run
@@ -154,10 +187,35 @@ class RunOutput:
         f, writer = self._logs[name]
         writer.writerow(row)
         f.flush()
+        if "step" in row:
+            self._step = int(row["step"])
+        if self.logger == "tensorboard":   # train_log -> train/<column>, eval_log -> eval/<column>
+            board, prefix = self._writer(), name.removesuffix("_log")
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                    board.add_scalar(f"{prefix}/{key}", value, global_step=self._step)
+            board.flush()
+
+    def _writer(self):
+        """The TensorBoard writer of ``run_dir/tensorboard/``; a resumed run's (``truncate_log``) opens with
+        ``purge_step``, so TensorBoard drops what an earlier attempt logged past the checkpoint."""
+        if self._board is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._board = SummaryWriter(str(self.path("tensorboard")), purge_step=self._purge_step)
+            self._purge_step = None   # once: a writer reopened later must not hide what this one writes
+        return self._board
 
     def truncate_log(self, name: str, step: int) -> None:
-        """Drop the rows of ``<name>.csv`` past ``step`` (a run resumed in its own directory redoes them)."""
+        """Drop the rows of ``<name>.csv`` past ``step`` (a run resumed in its own directory redoes them).
+
+        With ``logger="tensorboard"`` the event files are kept, and the writer opens with ``purge_step=step + 1``:
+        TensorBoard then hides the earlier attempt's events past ``step`` (its own restart rule).
+        """
         path = self.run_dir / f"{name}.csv"
+        if self.logger == "tensorboard" and self._purge_step != step + 1:
+            self._purge_step = step + 1
+            self._close_writer()   # reopened at its next use, with the purge step
         if not self.writes or not path.is_file():
             return
         with open(path, newline="") as f:
@@ -209,8 +267,15 @@ class RunOutput:
         (self.progress.write if self.progress is not None else print)(line)
 
     def close(self) -> None:
+        """Close the progress bar, the CSV logs and the TensorBoard writer (flushed)."""
         if self.progress is not None:
             self.progress.close()
         for f, _ in self._logs.values():
             f.close()
         self._logs.clear()
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self._board is not None:
+            self._board.close()   # flushes
+            self._board = None

@@ -10,25 +10,39 @@ numbers, strings, lists and dicts only; nothing is unpickled that could run code
 - ``optimizer``, ``step``, ``rng``: what resuming needs;
 - ``config``: the resolved run config, for the record;
 - ``checksums``: a SHA-256 per tensor, verified on every read: a flipped byte is refused.
+
+A sampling-only **export** (:func:`export_checkpoint` with ``format="safetensors"``) is a directory
+in the layout of diffusers' ``save_pretrained``: ``model.safetensors`` holds the EMA weights under
+their ``state_dict`` names, ``config.json`` the format tag :data:`EXPORT_FORMAT`, ``model_spec``,
+``step``, ``config`` and a SHA-256 per weight. :func:`read_checkpoint` (so :func:`load_checkpoint`
+and every ``ckpt=``) reads the directory, its ``model.safetensors`` or a ``.pt`` alike.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 import sde_lib
-from core_lib import atomic_write
+from core_lib import OutputError, atomic_write
 from models.errors import ModelError
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "export_checkpoint", "build_from_spec",
-           "model_spec", "load_checkpoint", "LoadedModel", "TRAINING_KEYS", "checksums"]
+__all__ = ["FORMAT", "EXPORT_FORMAT", "EXPORT_FORMATS", "CheckpointError", "save_checkpoint", "read_checkpoint",
+           "export_checkpoint", "build_from_spec", "model_spec", "load_checkpoint", "LoadedModel", "TRAINING_KEYS",
+           "checksums"]
 
 FORMAT = "scoreflow-checkpoint-v1"
+EXPORT_FORMAT = "scoreflow-export-v1"    # the tag in an export directory's config.json
+EXPORT_FORMATS = ("safetensors", "pt")   # what export_checkpoint writes: a directory, or one .pt file
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 _REQUIRED = ("format", "model_spec", "ema", "step", "config")  # enough to sample; resuming needs TRAINING_KEYS too
 TRAINING_KEYS = ("model", "ema_updates", "optimizer", "rng")
 
@@ -74,11 +88,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint; a CheckpointError says what is wrong and what to do."""
+    """Read and validate a checkpoint; a CheckpointError says what is wrong and what to do.
+
+    ``path`` is a .pt file, or an export directory (``export_checkpoint(..., format="safetensors")``) or
+    its ``model.safetensors``, read as the state of a .pt export: format, model_spec, ema, step, config.
+    """
     path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _read_export(path, map_location)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give the path of a .pt file written by "
-                              "`python run.py task=train` (its run directory holds checkpoints/last.pt).")
+                              "`python run.py task=train` (its run directory holds checkpoints/last.pt), or "
+                              "a directory written by `python run.py task=export`.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -105,14 +126,109 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Write a sampling-only copy of training checkpoint ``src`` to ``dst``: the spec, EMA weights, step and config.
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str = "pt") -> Path:
+    """Write a sampling-only copy of checkpoint ``src`` to ``dst``: the spec, EMA weights, step and config.
 
-    It is a quarter of the size (no raw weights, optimizer moments or RNG states), loads with
-    :func:`load_checkpoint` like any checkpoint, and cannot be resumed from.
+    ``format="pt"``: one checkpoint file ``dst``. ``format="safetensors"``: a directory ``dst`` holding
+    ``model.safetensors`` (the EMA weights, under their ``state_dict`` names) and ``config.json`` (the tag
+    :data:`EXPORT_FORMAT`, ``model_spec``, ``step``, ``config`` and a SHA-256 per weight), never half-written
+    (:func:`_write_export`). Either is a quarter of the size of a training checkpoint (no raw weights,
+    optimizer moments or RNG states), loads with :func:`load_checkpoint` into the same model bit for bit,
+    and cannot be resumed from. Returns ``dst``.
     """
-    state = read_checkpoint(src)
-    save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format", "checksums")})
+    if format not in EXPORT_FORMATS:
+        raise CheckpointError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}.")
+    state, dst = read_checkpoint(src), Path(dst)
+    if format == "pt":
+        save_checkpoint(dst, {k: v for k, v in state.items() if k not in (*TRAINING_KEYS, "format", "checksums")})
+        return dst
+    # own storage per tensor: safetensors refuses tensors that share memory
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in state["ema"].items()}
+    config = {"format": EXPORT_FORMAT, "model_spec": state["model_spec"], "step": int(state["step"]),
+              "config": state["config"], "checksums": {k: _digest(v) for k, v in weights.items()}}
+    _write_export(dst, weights, config)
+    return dst
+
+
+def _write_export(dst: Path, weights: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """model.safetensors, then config.json, into the directory ``dst``, so that no reader meets half a pair.
+
+    A new directory is filled under a temporary name beside it and renamed into place. An existing export
+    is replaced file by file (each atomic), config.json last: a crash between the two leaves weights that
+    do not match config.json's checksums, which :func:`read_checkpoint` refuses.
+    """
+    def fill(folder: Path) -> None:
+        # save() into bytes, not save_file(): that one recreates the file 0600, losing atomic_write's mode
+        blob = save(weights, metadata={"format": "pt"})   # "pt": the tag transformers and diffusers check
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: Path(tmp).write_bytes(blob))
+        atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst} is a file, and a safetensors export is a directory; choose another path.")
+    if dst.is_dir() and any(dst.iterdir()):
+        if _export_tag(dst / CONFIG_FILE) != EXPORT_FORMAT:
+            raise CheckpointError(f"{dst} is a directory that holds something other than an export; choose a new "
+                                  "(or empty) directory for it.")
+        fill(dst)
+        return
+    staging = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)   # left by an attempt of a process with the same id
+        staging.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(f"cannot write into {dst.parent} ({err.strerror}); choose a writable directory.") from None
+    try:
+        fill(staging)
+        os.replace(staging, dst)   # dst absent or empty: the rename takes its place
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _export_tag(config_path: Path) -> Any:
+    """The ``format`` of an export's config.json, or None if it is missing or not a JSON object."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config.get("format") if isinstance(config, dict) else None
+
+
+def _read_export(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """An export directory, or its weights file, as the state of a .pt export, checked against config.json."""
+    folder, weights_path = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
+    config_path = folder / CONFIG_FILE
+    again = "export it again (`python run.py task=export ckpt=<run dir>/checkpoints/last.pt`)"
+    if not weights_path.is_file():
+        raise CheckpointError(f"no checkpoint at {weights_path}; give an export directory written by "
+                              "`python run.py task=export` (model.safetensors and config.json) or a .pt checkpoint.")
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE} beside {weights_path.name}, so no model can be built "
+                              f"for its weights; {again}.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_path} is not readable JSON ({type(err).__name__}); {again}.") from None
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    if found != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_path} is not a {EXPORT_FORMAT} export (found format {found!r}); {again}.")
+    missing = [k for k in ("model_spec", "step", "config", "checksums") if k not in config]
+    if missing:
+        raise CheckpointError(f"{config_path} lacks {', '.join(missing)}; the export is incomplete: {again}.")
+    try:
+        ema = load_file(weights_path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file (corrupt, truncated or of another "
+                              f"format: {str(err).splitlines()[0][:120]}); {again}.") from None
+    stored = config["checksums"] if isinstance(config["checksums"], dict) else {}
+    actual = {k: _digest(t) for k, t in ema.items()}
+    bad = sorted(k for k in set(stored) | set(actual) if stored.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{weights_path} does not match {config_path}: {', '.join(bad[:3])}"
+                              f"{' and others' if len(bad) > 3 else ''} differ from their checksums (a corrupt file, "
+                              f"or the weights of another export); {again}.")
+    return {"format": EXPORT_FORMAT, "model_spec": config["model_spec"], "ema": ema, "step": config["step"],
+            "config": config["config"]}
 
 
 def model_spec(model, data_info: dict[str, Any]) -> dict[str, Any]:
@@ -174,18 +290,26 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a training checkpoint: its SDE and its EMA score model (eval mode, no grad needed).
+    """Load a checkpoint: its SDE and its EMA score model (eval mode, no grad needed).
 
-    Raises CheckpointError for a missing, corrupt or foreign file, or weights that do not fit the
-    model the checkpoint describes (strict loading).
+    ``path`` is a .pt checkpoint, or an export directory or its ``model.safetensors`` (:func:`export_checkpoint`).
+    Raises CheckpointError for a missing, corrupt or foreign file, a spec that builds no model, or weights
+    that do not fit the model the checkpoint describes (strict loading).
     """
     state = read_checkpoint(path, map_location=device)
-    sde, model = build_from_spec(state["model_spec"])
+    try:
+        sde, model = build_from_spec(state["model_spec"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as err:   # ModelError and the SDEs' errors included
+        raise CheckpointError(f"the model_spec in {path} describes no model this version builds ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else err!r}); use another checkpoint.") from None
     try:
         model.load_state_dict(state["ema"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"the EMA weights in {path} do not fit the model its spec describes "
-                              f"({str(err).splitlines()[0]}); the file is inconsistent: use another checkpoint.") from None
+        first = " ".join(line.strip() for line in str(err).splitlines()[:2])   # "Error(s) in ...:", the first one
+        raise CheckpointError(f"the EMA weights in {path} do not fit the model its spec describes ({first}); the file "
+                              "is inconsistent: use another checkpoint.") from None
     model.to(device).eval().requires_grad_(False)
     spec = state["model_spec"]
     return LoadedModel(sde=sde, score_fn=model, config=state["config"], step=int(state["step"]),

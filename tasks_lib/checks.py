@@ -5,6 +5,7 @@ message names the key (``likelihood.n_eval: must be a positive number of test po
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -13,13 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import solvers
 from core_lib import UserError, build_options, distributed
+from evaluation import LOGGERS
 from models.networks import PRECISIONS
-from tasks_lib.model_source import build_sde
+from tasks_lib.export import export_source
+from tasks_lib.model_source import build_sde, diffusers_request
 from tasks_lib.sample import dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS
 from training import check_batch_split, check_train_config
 
-__all__ = ["check_config", "check_device", "check_precision", "check_world"]
+__all__ = ["check_config", "check_device", "check_precision", "check_world", "check_logger"]
 
 
 def check_device(name: str) -> torch.device:
@@ -84,13 +87,33 @@ def check_world(cfg: DictConfig) -> None:
                         "score at least one point per process, or start fewer processes.")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every setting the task of ``cfg`` will use, checked before it starts; the first problem is a UserError."""
+def check_logger(logger: str) -> None:
+    """``logger`` is one of ``evaluation.LOGGERS``, and the package it writes with is installed."""
+    if logger not in LOGGERS:
+        raise UserError(f"logger: must be one of {', '.join(LOGGERS)}, got {logger!r}.")
+    if logger == "tensorboard":
+        missing = 'logger=tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"'
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError(missing)
+        try:   # the import the first log row would do: a broken install fails before any work too
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as err:
+            raise UserError(f"{missing} (importing it failed: {str(err).splitlines()[0]})") from None
+
+
+def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
+    """Every setting the task of ``cfg`` will use, checked before it starts; the first problem is a UserError.
+
+    ``overridden``: the keys the command line set (``overridden_keys``); a ``ckpt=diffusers:DIR`` is checked
+    against them (``diffusers_request``: its scheduler's SDE, its UNet, data for the held-out likelihood).
+    """
     device = check_device(cfg.device)
+    check_logger(cfg.logger)
     check_precision(cfg.precision, cfg.compile, device)
     check_world(cfg)
     dtype_of(cfg)
     build_sde(cfg.sde)
+    diffusers_request(cfg, overridden or set())
     name = cfg.task.name
     task = OmegaConf.to_container(cfg.task, resolve=True)
     if name == "train":
@@ -99,6 +122,8 @@ def check_config(cfg: DictConfig) -> None:
         build_options(TASK_SCHEMAS[name], task, f"task={name}", UserError)
     if name != "sample" or cfg.task.likelihood:
         likelihood_config(cfg).validate()
+    if name == "export":
+        export_source(cfg)
     if name == "sample":
         steps = cfg.solver.steps
         if steps is not None and steps < 1:

@@ -68,11 +68,11 @@ def compare_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[s
     reference = sample_on_ranks(sde, model.score_fn, shape, solver="pf_ode", eps=eps, seed=cfg.seed, device=device,
                                 dtype=dtype, rtol=tc.reference_rtol, atol=tc.reference_rtol)
     z = reference.z
-    test = data.test
+    test = data.test_points()
     lc = cfg.likelihood
     x_eval = test[:lc.n_eval].to(device=device, dtype=dtype)
     x_scored = scored_points(data, x_eval, cfg.seed)      # what data_log_likelihood scores, for the bound
-    floor = sliced_wasserstein(data.train[:tc.n_samples], test, seed=cfg.seed)
+    floor = sliced_wasserstein(data.decode(data.train[:tc.n_samples]), test, seed=cfg.seed)
     exact = exact_nll(data, x_scored)
 
     rows = []

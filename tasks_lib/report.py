@@ -9,6 +9,9 @@ __all__ = ["summary"]
 def summary(metrics: dict[str, Any]) -> str:
     """A few lines a person reads: what was drawn or trained, at what cost, and how good it is."""
     task = metrics["task"]
+    if task == "export":
+        return (f"exported {metrics['source']} ({metrics['sde']} on {metrics['data']}, step {metrics['train_steps']}, "
+                f"{metrics['n_params']} parameters) as {metrics['format']}: {metrics['export']}")
     if task == "train":
         lines = [f"trained {metrics['model']} on {metrics['data']} with {metrics['sde']} for {metrics['steps']} steps: "
                  f"test loss {metrics['test_loss']:.4f}, test NLL {metrics['test_nll_nats']:.4f} nats, "
@@ -19,11 +22,13 @@ def summary(metrics: dict[str, Any]) -> str:
         return "\n".join(lines)
     if task == "compare":
         return f"compared {metrics['n_rows']} sampler x budget runs on {metrics['data']} ({metrics['model']} model)"
-    lines = [f"{metrics['sde']} on {metrics['data']}, {metrics['model']} model"]
+    lines = [f"{metrics['sde']} on {metrics['data'] or 'no data'}, {metrics['model']} model"]
     if task == "sample":
         lines.append(f"{metrics['solver']}: {metrics['n_samples']} samples, {metrics['nfe']} NFE, "
-                     f"{metrics['sample_seconds']:.2f} s; sliced W1 to held-out data {metrics['swd']:.4f} "
-                     f"(two held-out sets: {metrics['swd_floor']:.4f})")
+                     f"{metrics['sample_seconds']:.2f} s")
+        if "swd" in metrics:
+            lines[-1] += (f"; sliced W1 to held-out data {metrics['swd']:.4f} (two held-out sets: "
+                          f"{metrics['swd_floor']:.4f})")
         if "mode_weight_error" in metrics:
             lines[-1] += (f"; mode weights off by at most {metrics['mode_weight_error']:.3f}, "
                           f"spread {metrics['mode_spread_ratio']:.3f}x the data's")
@@ -34,4 +39,6 @@ def summary(metrics: dict[str, Any]) -> str:
         if "nll_exact_nats" in metrics:
             line += f"; exact NLL {metrics['nll_exact_nats']:.4f}: KL(data || model) ~ {metrics['kl_nats']:.4f} nats"
         lines.append(line)
+    if "note" in metrics:
+        lines.append(metrics["note"])
     return "\n".join(lines)

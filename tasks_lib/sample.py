@@ -31,15 +31,24 @@ def write_config(out: RunOutput, cfg: DictConfig, model: ResolvedModel) -> None:
     """config.yaml: the resolved config, plus the SDE and model actually used (a checkpoint's own)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["used"] = {"model": model.source, "path": model.path, "train_steps": model.train_steps,
-                        "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": model.data.name,
+                        "sde": {"class": type(model.sde).__name__, **model.sde.hparams()}, "data": _data_name(model),
                         "world_size": distributed.world_size()}
     out.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def header(cfg: DictConfig, model: ResolvedModel) -> dict[str, Any]:
     """The metrics keys every task reports first: what ran on what."""
-    return {"task": cfg.task.name, "sde": type(model.sde).__name__, "data": model.data.name, "model": model.source,
+    return {"task": cfg.task.name, "sde": type(model.sde).__name__, "data": _data_name(model), "model": model.source,
             "seed": cfg.seed}
+
+
+def _data_name(model: ResolvedModel) -> str | None:
+    return None if model.data is None else model.data.name
+
+
+#: What ``task=sample`` reports when the model comes without held-out data (a diffusers model given no ``data=``).
+NO_DATA_NOTE = ("no data= given: the model comes without held-out data, so sample quality and the test likelihood "
+                "are skipped; give data= of the model's sample shape for them")
 
 
 def _likelihood_metrics(held_out: HeldOutLikelihood) -> dict[str, Any]:
@@ -58,13 +67,17 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     model = resolve_model(cfg, overridden, device)
     tc = cfg.task
     options = OmegaConf.to_container(cfg.solver.options, resolve=True)
-    result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.data.event_shape),
+    result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.event_shape),
                              solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed, device=device,
-                             dtype=dtype, trajectory=tc.trajectories, progress=True, **options)
+                             dtype=dtype, trajectory=min(tc.trajectories, tc.n_samples), progress=True, **options)
     samples = result.samples.cpu()
     metrics = {**header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
-               "sample_seconds": result.seconds, **sample_quality(samples, model.data, cfg.seed)}
-    if tc.likelihood:
+               "sample_seconds": result.seconds}
+    if model.data is None:
+        metrics["note"] = NO_DATA_NOTE
+    else:
+        metrics.update(sample_quality(samples, model.data, cfg.seed))
+    if tc.likelihood and model.data is not None:
         held_out = held_out_likelihood(model.sde, model.score_fn, model.data, likelihood_config(cfg), cfg.seed,
                                        device, dtype, progress=True)
         metrics.update(_likelihood_metrics(held_out))
@@ -72,7 +85,9 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     write_config(out, cfg, model)
     out.write_npz("samples.npz", samples=samples.numpy(), z=result.z.cpu().numpy())
     title = f"{metrics['sde']}, {cfg.solver.name}: {result.nfe} NFE"
-    out.write_figure("samples.png", save_samples, samples, title, data=None if samples.dim() == 4 else model.data.test)
+    beside = None if samples.dim() == 4 or model.data is None else model.data.test_points()   # scatter plots only
+    shown = model.data.data_range if model.data is not None else None   # images: the data's range, black to white
+    out.write_figure("samples.png", save_samples, samples, title, data=beside, value_range=shown)
     if result.trajectory is not None:
         out.write_figure("trajectories.png", save_trajectories, *result.trajectory, title)
     return out.metrics(metrics)

@@ -8,8 +8,8 @@ the library's own declarations, so a hyperparameter is declared (and documented)
 - ``solver/<name>``: the solver's ``Options`` dataclass (``solvers``);
 - ``data/<name>``: the data set's options dataclass (``data_lib``);
 - ``model/<kind>``: the network's constructor signature (``models``);
-- ``task/<name>``: :class:`SampleTask`, :class:`LikelihoodTask`, :class:`CompareTask` below and
-  ``training.TrainConfig``; the top level is :class:`Config`.
+- ``task/<name>``: :class:`SampleTask`, :class:`LikelihoodTask`, :class:`CompareTask`, :class:`ExportTask`
+  below and ``training.TrainConfig``; the top level is :class:`Config`.
 
 Each ``conf/<group>/<choice>.yaml`` starts from its schema (``defaults: [/schema/<group>/<choice>@_here_]``),
 so the schemas are not choices of their own.
@@ -30,10 +30,12 @@ import solvers
 from core_lib import finite_positive, option_fields, require
 from data_lib import DATASETS
 from evaluation import LikelihoodConfig
+from models.checkpoint import EXPORT_FORMATS
 from models.networks import DERIVED_ARGS, NETWORKS
 from training.config import TrainConfig
 
-__all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "register_configs",
+__all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "ExportTask",
+           "register_configs",
            "TASK_SCHEMAS", "model_schema"]
 
 
@@ -44,15 +46,14 @@ class SampleTask:
     name: str = "sample"
     n_samples: int = 5000       # samples to draw
     eps: Optional[float] = None  # final time of sampling; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
-    trajectories: int = 8       # paths drawn in trajectories.png (0: none)
+    trajectories: int = 8       # paths drawn in trajectories.png (0: none; at most n_samples)
     likelihood: bool = True     # also the ODE log-likelihood of likelihood.n_eval test points
 
     def validate(self) -> None:
         require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
         require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
                 "must be null or in (0, T = 1)")
-        require(0 <= self.trajectories <= self.n_samples, "task.trajectories", self.trajectories,
-                "must be between 0 and task.n_samples")
+        require(self.trajectories >= 0, "task.trajectories", self.trajectories, "must be a non-negative integer")
 
 
 @dataclasses.dataclass
@@ -84,7 +85,20 @@ class CompareTask:
                 "must be a finite positive number")
 
 
-TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig}
+@dataclasses.dataclass
+class ExportTask:
+    """``task=export``: the EMA weights of ``ckpt`` as a sampling-only model in the run directory, for any ``ckpt=``."""
+
+    name: str = "export"
+    format: str = "safetensors"  # safetensors: export/ holding model.safetensors + config.json; pt: export/model.pt
+
+    def validate(self) -> None:
+        require(self.format in EXPORT_FORMATS, "task.format", self.format,
+                f"must be one of {', '.join(EXPORT_FORMATS)}")
+
+
+TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig,
+                "export": ExportTask}
 
 
 @dataclasses.dataclass
@@ -96,12 +110,13 @@ class Config:
     data: Any = MISSING
     model: Any = MISSING
     task: Any = MISSING
-    ckpt: str = "pretrained"    # the model: pretrained (shipped, per data and SDE), exact (the data's exact score), or a checkpoint path
+    ckpt: str = "pretrained"    # the model: pretrained (shipped, per data and SDE), exact (the data's exact score), a checkpoint (.pt, or task=export's directory), or diffusers:DIR (a diffusers pipeline)
     seed: int = 0               # seeds every draw: the same seed gives the same samples and the same training run
     device: str = "cpu"         # cpu, cuda, cuda:1, ...
     dtype: str = "float32"      # float32 or float64 (sampling and likelihood)
     precision: str = "fp32"     # the network's forward: fp32, bf16 or fp16 (autocast; fp16 needs CUDA); solver state stays in dtype
     compile: bool = False       # run the network through torch.compile (needs a C++ compiler on CPU)
+    logger: str = "csv"         # task=train's logs: csv (train_log.csv, eval_log.csv) or tensorboard (also tensorboard/)
     likelihood: LikelihoodConfig = dataclasses.field(default_factory=LikelihoodConfig)
 
 
@@ -163,6 +178,7 @@ def solver_schema(name: str) -> type:
 def data_schema(name: str) -> type:
     options_cls, _ = DATASETS[name]
     return _schema(f"{name}_data", [("name", str, name), ("n_train", int, 50_000), ("n_test", int, 5_000),
+                                    ("hflip", bool, False), ("num_workers", int, 0),
                                     *_dataclass_fields(options_cls)])
 
 

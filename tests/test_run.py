@@ -44,9 +44,10 @@ def test_solver_configs_are_the_registry():
         assert OmegaConf.to_container(cfg.options) == defaults
 
 
-def test_task_group_has_train_sample_likelihood_compare():
-    assert sorted(p.stem for p in (CONF / "task").glob("*.yaml")) == ["compare", "likelihood", "sample", "train"]
-    for name in ("compare", "likelihood", "sample", "train"):
+def test_task_group_has_train_sample_likelihood_compare_export():
+    assert sorted(p.stem for p in (CONF / "task").glob("*.yaml")) == ["compare", "export", "likelihood", "sample",
+                                                                      "train"]
+    for name in ("compare", "export", "likelihood", "sample", "train"):
         assert compose(f"task={name}").task.name == name
 
 
@@ -206,7 +207,7 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
     (["task.n_sampels=10"], "error: task.n_sampels: Key 'n_sampels' not in 'SampleTask'"),
     (["solver=pc", "solver.options.snr=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
     (["solver=ancestral", "solver.steps=10"], "error: solver 'ancestral' with steps=10"),
-    (["task=fit"], "error: task=fit: no such choice; available: compare, likelihood, sample, train."),
+    (["task=fit"], "error: task=fit: no such choice; available: compare, export, likelihood, sample, train."),
     (["data=moons"], "error: no pretrained model for data=moons with sde=vp"),
     (["data=moons", "ckpt=exact"], "error: data=moons has no exact score"),
     (["ckpt=/nonexistent/last.pt"], "error: no checkpoint at /nonexistent/last.pt"),

@@ -37,6 +37,7 @@ from models import ScoreModel
 from models.checkpoint import TRAINING_KEYS, CheckpointError, model_spec, read_checkpoint
 from sde_lib import VESDE, VPSDE
 from training.config import TrainConfig, TrainingError
+from training.batches import batch_loader
 from training.ema import EMA
 from training.losses import get_loss
 
@@ -68,7 +69,7 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
     first, stop = distributed.shard(len(starts))
     total = torch.zeros(2, dtype=torch.float64, device=data.test.device)   # sum of losses, count
     for b in range(first, stop):
-        x0 = data.test[starts[b]:starts[b] + batch_size]
+        x0 = data.decode(data.test[starts[b]:starts[b] + batch_size])
         gen = torch.Generator(device=data.test.device).manual_seed(seed + 1_000_003 * b)
         total[0] += loss_fn(model, sde, x0, generator=gen, **loss_options).double() * len(x0)
         total[1] += len(x0)
@@ -77,11 +78,12 @@ def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int
 
 
 @torch.no_grad()
-def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0)) -> float:
+def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0), batch_size: int = 256) -> float:
     """max over t of E‖s_θ(x_t)‖² s(t)²/D on noised test points: at most 1 for the true score.
 
     By Jensen, E‖∇log p_t(x_t)‖² ≤ E‖∇log p(x_t | x_0)‖² = D/s(t)² for any data, so a model far above
-    1 has a score whose magnitude exploded, whatever its loss says.
+    1 has a score whose magnitude exploded, whatever its loss says. The points go through the network
+    ``batch_size`` at a time (a U-Net's activations for 256 images of 32×32 take a gigabyte).
     """
     gen = torch.Generator(device=x0.device).manual_seed(seed + 13)
     worst = 0.0
@@ -90,7 +92,8 @@ def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0)) 
         mean, std = sde.marginal_prob(x0, tt)
         std = std.reshape(-1, *[1] * (x0.dim() - 1))
         x = mean + std * torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
-        power = model(x, tt).flatten(1).pow(2).sum(1) * std.flatten() ** 2 / x0[0].numel()
+        score = torch.cat([model(x[i:i + batch_size], tt[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        power = score.flatten(1).pow(2).sum(1) * std.flatten() ** 2 / x0[0].numel()
         worst = max(worst, power.mean().item())
     return worst
 
@@ -103,7 +106,8 @@ def evaluate(model: ScoreModel, data: Dataset, config: TrainConfig, likelihood: 
     row["test_loss"] = _test_loss(model, sde, data, loss_fn, loss_options, config.batch_size, seed + 7)
     samples = sample_on_ranks(sde, model, (config.eval_samples, *data.event_shape), solver="pf_ode", seed=seed,
                               device=data.test.device).samples
-    out.write_figure("samples.png", save_samples, samples.cpu(), f"EMA samples at step {step}")
+    out.write_figure("samples.png", save_samples, samples.cpu(), f"EMA samples at step {step}",
+                     value_range=data.data_range, step=step)
     held_out = held_out_likelihood(sde, model, data, likelihood, seed, device=data.test.device)
     row["test_nll_nats"] = held_out.nll_nats
     row["test_bpd"] = held_out.bpd
@@ -277,7 +281,8 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | Path,
           likelihood: LikelihoodConfig | None = None, seed: int = 0, device: str | torch.device = "cpu",
-          record: dict[str, Any] | None = None, precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
+          record: dict[str, Any] | None = None, precision: str = "fp32", compile: bool = False,
+          logger: str = "csv") -> dict[str, Any]:
     """Train ``model`` on ``data`` as ``config`` says; write checkpoints, logs, plots and metrics.json into out_dir.
 
     Args:
@@ -297,6 +302,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
             fp16 scales the loss (``torch.amp.GradScaler``, checkpointed). The loss, its reduction, the
             optimizer and the EMA stay in the weights' dtype.
         compile: run the network through ``torch.compile``.
+        logger: "csv", or "tensorboard" to also write the log rows and sample figures as TensorBoard events
+            into out_dir/tensorboard/ (``evaluation.RunOutput``).
 
     Returns:
         The metrics written to metrics.json: the last evaluation's test loss, NLL, bpd (and KL
@@ -312,8 +319,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
         raise TrainingError(f"task.loss={config.loss} needs {'sde=vp' if config.loss == 'ddpm' else 'sde=ve'} "
                             f"(its discrete chain), got {type(sde).__name__}; use task.loss=dsm.")
-    out = RunOutput(out_dir)
-    data = dataclasses.replace(data, train=data.train.to(device), test=data.test.to(device))
+    out = RunOutput(out_dir, logger=logger)
+    data = dataclasses.replace(data, test=data.test.to(device))   # the training split stays on the host: batch_loader
     spec = model_spec(model, {"name": data.name, "levels": data.levels,
                               "data_range": list(data.data_range) if data.data_range is not None else None})
     if record is None:
@@ -352,6 +359,9 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
         for name in ("train_log", "eval_log"):
             out.truncate_log(name, step)
     out.write_text("config.yaml", _config_yaml(record, world))
+    n_params = sum(p.numel() for p in model.parameters())
+    out.say(f"training a {spec['net']['kind']} network of {n_params:,} parameters (n_params) on {data.name} "
+            f"{data.event_shape}, {world} process(es), from step {step}")
 
     def snapshot() -> dict[str, Any]:
         return {"model_spec": spec, "model": model.state_dict(), "ema": ema.module.state_dict(),
@@ -360,7 +370,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
 
     def evaluation() -> dict[str, Any]:
-        scale = score_scale(ema.module, sde, data.test[:256], seed)
+        scale = score_scale(ema.module, sde, data.test_points(256), seed, batch_size=config.batch_size)
         if config.divergence_factor is not None and not scale <= config.divergence_factor:
             line = (f"the model's score exploded at step {step}: E‖s(x_t)‖² s(t)²/D = {scale:.3g}, where the true "
                     f"score's is at most 1 (task.divergence_factor {config.divergence_factor:g}); the weights before "
@@ -377,6 +387,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     guard = _DivergenceGuard(config.divergence_factor, device)
     stop_flag = torch.zeros((), dtype=torch.float64, device=device)   # filled each step: no host-to-device copy
     bar = out.start_progress(config.steps, step)
+    batches = iter(batch_loader(data, config.batch_size, rows, seed, step, config.steps, device))
     eval_row: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -385,8 +396,9 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = torch.randint(0, len(data.train), (config.batch_size,), generator=gen, device=device)
-                loss = loss_fn(replica, sde, data.train[idx], generator=gen, rows=rows, **loss_options)
+                x0 = next(batches).to(device, non_blocking=True)   # this rank's rows of the step's batch
+                loss = loss_fn(replica, sde, x0, generator=gen, rows=rows, batch_size=config.batch_size,
+                               **loss_options)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)   # (both the identity unless fp16)
@@ -447,7 +459,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
         out.close()
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,
                "model": spec["net"]["kind"], "loss": config.loss,
-               "n_params": sum(p.numel() for p in model.parameters()),
+               "n_params": n_params,
                **{k: v for k, v in eval_row.items() if k != "step"}}
     return out.metrics(metrics)
 
