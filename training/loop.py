@@ -1,17 +1,17 @@
 """The training loop: denoising score matching with Adam, warmup, clipping, EMA and exact resume.
 
 ``train(config, model, data, out_dir)`` trains from Python with plain objects; ``python run.py
-task=train`` builds those objects from hydra and calls it. Everything random in training (batch
-indices, t, noise) comes from one torch.Generator whose state is checkpointed with the global
-torch RNG (dropout), so a run stopped at step k and resumed ends with the same weights as an
-uninterrupted run. Evaluation uses its own generator and the counter-based sampler noise, so it
+task=train`` builds those objects from hydra and calls it. Step k's batch (indices, flips) is a
+function of (seed, k) (``training.batches``); t and the noise come from one torch.Generator whose
+state is checkpointed with the global torch RNG (dropout), so a run stopped at step k and resumed
+ends with the same weights as an uninterrupted run. Evaluation uses its own generator and the counter-based sampler noise, so it
 never perturbs training. Every file goes through ``evaluation.RunOutput``.
 
-Under torchrun the same loop is data-parallel (``DistributedDataParallel``): every rank draws the
-whole global batch's indices, times and noise from the same generator and computes its own rows of
-it (``core_lib.distributed.shard``), so K ranks compute the loss of one process on the same batch,
-up to the order of the sums. Each rank keeps its own global RNG stream (dropout), and checkpoints
-hold every rank's, so resuming a K-rank run is exact. On SIGTERM every rank finishes its step, the
+Under torchrun the same loop is data-parallel (``DistributedDataParallel``): every rank reads its own
+rows of each global batch (``core_lib.distributed.shard``), draws the whole batch's times and noise
+from the same generator and computes its rows of the loss, so K ranks compute the loss of one
+process on the same batch, up to the order of the sums. Each rank keeps its own global RNG stream
+(dropout), and checkpoints hold every rank's, so resuming a K-rank run is exact. On SIGTERM every rank finishes its step, the
 step is checkpointed, and the run stops with ``core_lib.Preempted``; ``resume="auto"`` continues
 from the run directory's newest readable checkpoint.
 """
