@@ -192,6 +192,14 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def split_rows(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train rows, test rows) of a finite set of n samples: a permutation drawn from the seed
+    (``seeded_generator(seed, 2)``), the first round(f·n) held out, at least 1 and at most n − 1."""
+    n_test = min(max(round(test_fraction * n), 1), n - 1)
+    perm = torch.randperm(n, generator=seeded_generator(seed, 2))
+    return perm[n_test:], perm[:n_test]
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core_lib import atomic_write
-from data_lib.dataset import DataError, Dataset, check_data_range, check_fraction, register_dataset, seeded_generator
+from data_lib.dataset import DataError, Dataset, check_data_range, check_fraction, register_dataset, split_rows
 
 __all__ = ["IMAGE_EXTENSIONS", "CIFAR10_URL", "CIFAR10_MD5", "MNIST_MIRROR", "MNIST_MD5", "DOWNLOAD_TIMEOUT"]
 
@@ -134,7 +134,7 @@ def _load_image_folder(opts: _ImageFolderOptions, n_train: int, n_test: int, see
                         f"{', '.join(IMAGE_EXTENSIONS)}, any case, in sub-folders too); at least 2 are needed to "
                         f"split into train and test.")
     labels, classes = _folder_labels(root, files)
-    train_rows, test_rows = _split_rows(len(files), opts.test_fraction, seed)
+    train_rows, test_rows = split_rows(len(files), opts.test_fraction, seed)
     # Where each image goes: row r of the split (test rows first), so that no copy of the set is ever made.
     slot = torch.empty(len(files), dtype=torch.int64)
     slot[torch.cat([test_rows, train_rows])] = torch.arange(len(files))
@@ -193,13 +193,6 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[torch.Tensor | None, 
     classes = tuple(sorted({p[0] for p in parts}))
     index = {name: k for k, name in enumerate(classes)}
     return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), classes
-
-
-def _split_rows(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, test rows): the rule of ``stored._split``, a seeded permutation with round(f·N) held out."""
-    n_test = min(max(round(test_fraction * n), 1), n - 1)
-    perm = torch.randperm(n, generator=seeded_generator(seed, 2))
-    return perm[n_test:], perm[:n_test]
 
 
 def _read_image(file: Path, channels: int, resolution: int | None) -> np.ndarray:

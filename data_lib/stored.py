@@ -1,7 +1,7 @@
 """Finite data sets held in arrays: scikit-learn's bundled digits and the user's own .npy/.npz file.
 
 The whole set is split into train and test by a permutation drawn from the seed
-(``seeded_generator(seed, 2)``), so ``n_train`` and ``n_test`` do not apply.
+(``dataset.split_rows``), so ``n_train`` and ``n_test`` do not apply.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_lib.dataset import (DataError, Dataset, register_dataset, check_data_range, check_fraction, check_levels,
-                              seeded_generator)
+                              split_rows)
 
 Tensor = torch.Tensor
 
@@ -54,10 +54,8 @@ class _ArrayOptions:
 
 def _split(x: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """(train, test): a seeded permutation of the rows of x, the first round(f·N) held out (1 to N−1)."""
-    n = len(x)
-    n_test = min(max(round(test_fraction * n), 1), n - 1)
-    perm = torch.randperm(n, generator=seeded_generator(seed, 2))
-    return x[perm[n_test:]].contiguous(), x[perm[:n_test]].contiguous()
+    train_rows, test_rows = split_rows(len(x), test_fraction, seed)
+    return x[train_rows].contiguous(), x[test_rows].contiguous()
 
 
 @register_dataset("digits", _DigitsOptions)

@@ -18,7 +18,7 @@ from core_lib import UserError, distributed
 from evaluation import RunOutput
 from models import CheckpointError, load_checkpoint
 from sde_lib import sde_name
-from tasks_lib.model_source import PRETRAINED_DIR, build_sde, pretrained_path
+from tasks_lib.model_source import build_sde, shipped_checkpoint
 
 __all__ = ["export_task", "EXPORT_NAMES"]
 
@@ -37,13 +37,7 @@ def export_source(cfg: DictConfig) -> Path:
                         "give ckpt=<run dir>/checkpoints/last.pt or ckpt=pretrained.")
     if cfg.ckpt != "pretrained":
         return Path(cfg.ckpt)
-    choice = sde_name(build_sde(cfg.sde))
-    path = pretrained_path(cfg.data.name, choice)
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))) or "none"
-        raise UserError(f"no pretrained model for data={cfg.data.name} with sde={choice} (shipped: {shipped}); give "
-                        "ckpt=<run dir>/checkpoints/last.pt.")
-    return path
+    return shipped_checkpoint(cfg.data.name, sde_name(build_sde(cfg.sde)), "give ckpt=<run dir>/checkpoints/last.pt.")
 
 
 def export_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:

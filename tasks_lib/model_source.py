@@ -29,8 +29,8 @@ from models.from_diffusers import PipelineInfo, inspect_pipeline, load_pipeline
 from sde_lib import SDE, sde_name
 from tasks_lib.schema import model_schema
 
-__all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "overridden_keys",
-           "diffusers_request", "DIFFUSERS_PREFIX"]
+__all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "shipped_checkpoint",
+           "overridden_keys", "diffusers_request", "DIFFUSERS_PREFIX"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
 #: ``ckpt=diffusers:DIR``: a pipeline directory written by diffusers' ``save_pretrained`` (or a Hub id).
@@ -66,6 +66,15 @@ class ResolvedModel:
 
 def pretrained_path(data_name: str, sde_choice: str) -> Path:
     return PRETRAINED_DIR / f"{data_name}_{sde_choice}.pt"
+
+
+def shipped_checkpoint(data_name: str, sde_choice: str, fix: str) -> Path:
+    """The shipped model of the data and SDE, or a UserError listing what is shipped and ending with ``fix``."""
+    path = pretrained_path(data_name, sde_choice)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))) or "none"
+        raise UserError(f"no pretrained model for data={data_name} with sde={sde_choice} (shipped: {shipped}); {fix}")
+    return path
 
 
 def overridden_keys(overrides: Iterable[str]) -> set[str]:
@@ -114,13 +123,9 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
                              "or a checkpoint from task=train.")
         return ResolvedModel(asked, MixtureScore(asked, data.mixture), data, "exact")
     if cfg.ckpt == "pretrained":
-        path = pretrained_path(cfg.data.name, choice)
-        if not path.is_file():
-            shipped = sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
-            raise UserError(f"no pretrained model for data={cfg.data.name} with sde={choice} (shipped: "
-                             f"{', '.join(shipped) or 'none'}); train one with `python run.py task=train "
-                             f"data={cfg.data.name} sde={choice}` and pass ckpt=<run dir>/checkpoints/last.pt, or "
-                             "use ckpt=exact on ring or mix16d.")
+        path = shipped_checkpoint(cfg.data.name, choice,
+                                  f"train one with `python run.py task=train data={cfg.data.name} sde={choice}` and "
+                                  "pass ckpt=<run dir>/checkpoints/last.pt, or use ckpt=exact on ring or mix16d.")
         source = "pretrained"
     else:
         path, source = Path(cfg.ckpt), "checkpoint"

@@ -37,9 +37,6 @@ class StepBatches(torch.utils.data.Dataset):
     def __init__(self, data: Dataset, batch_size: int, rows: slice, seed: int):
         self.data, self.batch_size, self.rows, self.seed = data, batch_size, rows, seed
 
-    def __len__(self) -> int:   # any step number is an item
-        return 2**62
-
     def __getitem__(self, step: int) -> torch.Tensor:
         gen = step_generator(self.seed, int(step))
         idx = torch.randint(0, len(self.data.train), (self.batch_size,), generator=gen)[self.rows]
