@@ -41,7 +41,8 @@ class Dataset:
         mixture: the exact distribution when it is a Gaussian mixture (ring), for exact scores and
             log-densities (``models.MixtureScore``); None otherwise.
         train_labels, test_labels: (N,) int64 class labels in [0, len(classes)), or None (unlabelled).
-        classes: the class names, index = label (digits: "0".."9"; an image folder: its sub-folders).
+        classes: the class names, index = label (digits: "0".."9"; ring, mix16d: the component "0".."K−1";
+            moons: "upper", "lower"; an image folder: its sub-folders); None for unlabelled data.
         hflip: training batches are flipped left-right at random (images only; ``data.hflip``).
         num_workers: DataLoader worker processes preparing training batches (``data.num_workers``).
     """
@@ -101,6 +102,8 @@ class Dataset:
             raise DataError("give labels for both splits (train_labels and test_labels) or for neither.")
         if not all(given):
             return
+        if self.classes is None:
+            raise DataError("labelled data need their class names: give classes, one name per label value.")
         for split in ("train", "test"):
             y, x = getattr(self, f"{split}_labels"), getattr(self, split)
             if not torch.is_tensor(y) or y.dtype != torch.int64 or y.shape != (len(x),):
@@ -108,6 +111,11 @@ class Dataset:
             bound = len(self.classes) if self.classes is not None else None
             if len(y) and (int(y.min()) < 0 or (bound is not None and int(y.max()) >= bound)):
                 raise DataError(f"{split}_labels must lie in [0, {bound or 'K'}), got [{int(y.min())}, {int(y.max())}].")
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes of labelled data; 0 for unlabelled data (as ``model.num_classes=0``)."""
+        return len(self.classes) if self.classes is not None and self.train_labels is not None else 0
 
     @property
     def encoded(self) -> bool:

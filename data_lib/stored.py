@@ -1,7 +1,8 @@
 """Finite data sets held in arrays: scikit-learn's bundled digits and the user's own .npy/.npz file.
 
 The whole set is split into train and test by a permutation drawn from the seed
-(``dataset.split_rows``), so ``n_train`` and ``n_test`` do not apply.
+(``dataset.split_rows``), so ``n_train`` and ``n_test`` do not apply. Digits are labelled by their
+digit (classes "0".."9"); an array by the integer array ``labels_key`` names in its .npz archive, if given.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class _ArrayOptions:
     levels: int | None = None                      # K values per dimension, if the data are discrete
     data_range: tuple[float, float] | None = None  # (low, high) the levels span; default (0, 1) with levels
     test_fraction: float = 0.1                     # share of the rows held out for test
+    labels_key: str | None = None                  # the (N,) integer class labels' name in the .npz (null: unlabelled)
 
     def validate(self):
         if self.path is None:
@@ -50,10 +52,15 @@ class _ArrayOptions:
         if self.data_range is not None:
             self.data_range = check_data_range(self.data_range)
         self.test_fraction = check_fraction("test_fraction", self.test_fraction)
+        if self.labels_key is not None and self.labels_key == self.key:
+            raise DataError(f"data.labels_key={self.labels_key!r} names the samples' own array (data.key); name the "
+                            "array of class labels.")
 
 
 def _split(x: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(train, test): a seeded permutation of the rows of x, the first round(f·N) held out (1 to N−1)."""
+    """(train, test): a seeded permutation of the rows of x, the first round(f·N) held out (1 to N−1).
+
+    The same (f, seed, N) split any other array of N rows alike, so labels follow their samples."""
     train_rows, test_rows = split_rows(len(x), test_fraction, seed)
     return x[train_rows].contiguous(), x[test_rows].contiguous()
 
@@ -64,18 +71,21 @@ def _load_digits(opts: _DigitsOptions, n_train: int, n_test: int, seed: int) -> 
     # Imported here: scikit-learn takes a second to import and only this loader needs it.
     from sklearn.datasets import load_digits
 
-    images = load_digits().images                                          # (1797, 8, 8), float64
+    bunch = load_digits()
+    images = bunch.images                                                  # (1797, 8, 8), float64
     lo, hi = opts.data_range
     x = torch.from_numpy(images / (_DIGIT_LEVELS - 1) * (hi - lo) + lo).float()[:, None]
     train, test = _split(x, opts.test_fraction, seed)
-    return Dataset("digits", train, test, levels=_DIGIT_LEVELS, data_range=(lo, hi))
+    train_labels, test_labels = _split(torch.from_numpy(bunch.target).long(), opts.test_fraction, seed)
+    return Dataset("digits", train, test, levels=_DIGIT_LEVELS, data_range=(lo, hi), train_labels=train_labels,
+                   test_labels=test_labels, classes=tuple(str(d) for d in range(10)))
 
 
 @register_dataset("array", _ArrayOptions)
 def _load_array(opts: _ArrayOptions, n_train: int, n_test: int, seed: int) -> Dataset:
     """The array in ``opts.path``, checked, as float32, split by a seeded permutation."""
     path = Path(opts.path)
-    array = _check_array(_read_array(path, opts.key), path)
+    array = _check_array(_read_array(path, opts.key, opts.labels_key), path)
     if opts.levels is not None:
         lo, hi = opts.data_range
         if array.min() < lo or array.max() > hi:
@@ -83,11 +93,33 @@ def _load_array(opts: _ArrayOptions, n_train: int, n_test: int, seed: int) -> Da
                             f"data_range ({lo:g}, {hi:g}) that levels={opts.levels} refers to; "
                             f"pass the data_range the levels are scaled to.")
     train, test = _split(torch.from_numpy(array), opts.test_fraction, seed)
-    return Dataset("array", train, test, levels=opts.levels, data_range=opts.data_range)
+    if opts.labels_key is None:
+        return Dataset("array", train, test, levels=opts.levels, data_range=opts.data_range)
+    labels = _check_labels(_read_array(path, opts.labels_key, opts.labels_key), len(array), path, opts.labels_key)
+    train_labels, test_labels = _split(torch.from_numpy(labels), opts.test_fraction, seed)
+    return Dataset("array", train, test, levels=opts.levels, data_range=opts.data_range, train_labels=train_labels,
+                   test_labels=test_labels, classes=tuple(str(k) for k in range(int(labels.max()) + 1)))
 
 
-def _read_array(path: Path, key: str | None) -> np.ndarray:
-    """The array stored in a .npy file, or under ``key`` in a .npz archive; never unpickles."""
+def _check_labels(labels: np.ndarray, n: int, path: Path, key: str) -> np.ndarray:
+    """``labels`` as int64 of shape (n,) with values in [0, K), K = max + 1 (classes "0".."K−1"), or DataError."""
+    where = f"data.labels_key={key}: '{path}'[{key!r}]"
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{where} has dtype {labels.dtype}; class labels must be integers 0..K-1 (save "
+                        f"labels.astype(numpy.int64)).")
+    if labels.shape != (n,):
+        raise DataError(f"{where} has shape {labels.shape}; it must hold one label per sample, shape ({n},).")
+    if labels.min() < 0 or labels.max() >= 2**31:
+        raise DataError(f"{where} holds labels in [{labels.min()}, {labels.max()}]; class labels must be integers "
+                        f"0..K-1 (K the number of classes).")
+    return labels.astype(np.int64)
+
+
+def _read_array(path: Path, key: str | None, labels_key: str | None = None) -> np.ndarray:
+    """The array stored in a .npy file, or under ``key`` in a .npz archive; never unpickles.
+
+    Without ``key``, a .npz must hold one array, or two when one of them is ``labels_key``: the other is the data.
+    """
     if path.suffix.lower() not in (".npy", ".npz"):
         raise DataError(f"'{path}' has extension '{path.suffix}'; the 'array' dataset reads a .npy file "
                         f"(numpy.save) or a .npz archive (numpy.savez).")
@@ -104,12 +136,16 @@ def _read_array(path: Path, key: str | None) -> np.ndarray:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             if key is not None:
-                raise DataError(f"option key={key!r} applies to .npz archives, but '{path}' holds a single "
-                                f"array; drop the key option.")
+                option = "labels_key" if key == labels_key else "key"
+                raise DataError(f"option {option}={key!r} applies to .npz archives, but '{path}' holds a single "
+                                f"array; drop the {option} option, or save the samples and their labels together "
+                                f"with numpy.savez(FILE, x=..., y=...).")
             return loaded
         with loaded:
             names = list(loaded.files)
             if key is None:
+                if labels_key in names and len(names) == 2:
+                    names.remove(labels_key)
                 if len(names) != 1:
                     listed = ", ".join(map(repr, names)) or "none"
                     raise DataError(f"'{path}' holds {len(names)} arrays ({listed}); choose one with the "

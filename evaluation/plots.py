@@ -1,25 +1,65 @@
 """Figures a person reads: a scatter of 2-D samples beside data, or a grid of image samples."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 
+#: The most classes a labelled image grid shows (one row each) and the most images per row.
+MAX_CLASS_ROWS, MAX_PER_ROW = 16, 10
+
+
+def _class_grid(samples: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Rows of up to MAX_PER_ROW images of one class each (the first classes present, in label order), the
+    gaps of a class with fewer images left blank: ((rows, cols, C, H, W) images, the label of each row)."""
+    present = sorted(set(labels.tolist()))[:MAX_CLASS_ROWS]
+    cols = min(MAX_PER_ROW, max(int((labels == k).sum()) for k in present))
+    grid = torch.full((len(present), cols, *samples.shape[1:]), float("nan"))
+    for r, k in enumerate(present):
+        mine = samples[labels == k][:cols]
+        grid[r, :len(mine)] = mine
+    return grid, present
+
+
 def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tensor | None = None,
-                 value_range: tuple[float, float] | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, labels: torch.Tensor | None = None,
+                 classes: Sequence[str] | None = None) -> None:
     """Write samples (B, ...) as a PNG: an image grid for (B, C, H, W), else a scatter of the first two coordinates.
 
     With ``data``, a scatter shows the data beside the samples. Images are shown with ``value_range``
     (the data's (low, high)) as black to white, values beyond it clipped; without it, the samples' own
-    range.
+    range. With ``labels`` (B,) (the class each sample was drawn for; −1: none), images are laid out one row
+    per class (at most 16 rows of 10), each row named by ``classes[label]`` (or the label), and scatter
+    points are coloured by class, with a legend.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     samples = samples.detach().float().cpu()
-    if samples.dim() == 4:
+    labels = None if labels is None else labels.detach().cpu().long()
+    if labels is not None and labels.shape != samples.shape[:1]:
+        raise ValueError(f"labels must have shape ({len(samples)},), one per sample, got {tuple(labels.shape)}.")
+
+    def name(k: int) -> str:
+        return "no label" if k < 0 else (str(classes[k]) if classes is not None and k < len(classes) else str(k))
+
+    if samples.dim() == 4 and labels is not None:
+        imgs, rows = _class_grid(samples, labels)
+        lo, hi = value_range if value_range is not None else (samples.min().item(), samples.max().item())
+        imgs = ((imgs - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0).nan_to_num(1.0)   # blank cells white
+        imgs = torch.nn.functional.pad(imgs, (1, 1, 1, 1), value=1.0)
+        n_rows, n_cols, c, h, w = imgs.shape
+        grid = imgs.permute(0, 3, 1, 4, 2).reshape(n_rows * h, n_cols * w, c)
+        fig, ax = plt.subplots(figsize=(0.5 * n_cols + 1.5, 0.5 * n_rows + 1))
+        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([h * (r + 0.5) for r in range(n_rows)], [name(k) for k in rows], fontsize=7)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    elif samples.dim() == 4:
         n = min(len(samples), 64)
         side = int(n**0.5)
         imgs = samples[:side * side]
@@ -37,9 +77,15 @@ def save_samples(path: Path, samples: torch.Tensor, title: str, data: torch.Tens
                                                          ("samples", flat)]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False,
                                  sharex=True, sharey=True)
-        for ax, (name, pts) in zip(axes[0], panels):
-            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-            ax.set_title(name)
+        for ax, (panel, pts) in zip(axes[0], panels):
+            if panel == "samples" and labels is not None:
+                for k in sorted(set(labels.tolist())):
+                    ax.scatter(pts[labels == k, 0], pts[labels == k, 1], s=1, alpha=0.4, label=name(k))
+                if len(set(labels.tolist())) <= 20:
+                    ax.legend(fontsize=6, markerscale=6, loc="upper right")
+            else:
+                ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+            ax.set_title(panel)
             ax.set_aspect("equal")
     fig.suptitle(title)
     fig.tight_layout()

@@ -28,12 +28,21 @@ def _seed(seed: int | None) -> int:
     return distributed.broadcast(int(torch.randint(0, 2**62, (1,)).item()))
 
 
+def _rows(kwargs: dict, start: int, stop: int, n: int) -> dict:
+    """``kwargs`` with every per-sample tensor of ``cond`` (first dimension n, e.g. the labels y) cut to rows start:stop."""
+    cond = kwargs.get("cond")
+    if not cond:
+        return kwargs
+    cut = {k: v[start:stop] if torch.is_tensor(v) and v.dim() > 0 and len(v) == n else v for k, v in cond.items()}
+    return {**kwargs, "cond": cut}
+
+
 def sample_on_ranks(sde, score_fn, shape, seed: int | None = None, z: torch.Tensor | None = None,
                     progress: bool = False, **kwargs) -> solvers.SampleResult:
     """``solvers.sample`` of ``shape[0]`` samples, this rank drawing its block; the whole result on every rank.
 
     ``nfe`` and ``seconds`` are the slowest rank's; a trajectory is recorded by rank 0 (the first samples).
-    ``z`` (the whole batch's prior noise), if given, is split the same way.
+    ``z`` (the whole batch's prior noise) and per-sample conditioning (``cond={"y": labels}``) are split the same way.
     """
     shape = tuple(z.shape) if z is not None else tuple(shape)
     if distributed.world_size() == 1:
@@ -44,6 +53,7 @@ def sample_on_ranks(sde, score_fn, shape, seed: int | None = None, z: torch.Tens
     seed = _seed(seed)
     start, stop = distributed.shard(shape[0])
     trajectory = kwargs.pop("trajectory", 0)
+    kwargs = _rows(kwargs, start, stop, shape[0])
     part = solvers.sample(sde, score_fn, (stop - start, *shape[1:]), seed=seed, index_offset=start,
                           z=None if z is None else z[start:stop], progress=progress and distributed.is_main(),
                           trajectory=min(trajectory, stop - start) if distributed.is_main() else 0, **kwargs)
@@ -55,7 +65,7 @@ def sample_on_ranks(sde, score_fn, shape, seed: int | None = None, z: torch.Tens
 def log_likelihood_on_ranks(sde, score_fn, x: torch.Tensor, seed: int | None = None, progress: bool = False,
                             **kwargs) -> solvers.LikelihoodResult:
     """``solvers.log_likelihood`` of the points x (all of them, on every rank), this rank solving its block;
-    the per-point result on every rank. ``nfe`` and ``seconds`` are the slowest rank's."""
+    the per-point result on every rank (per-point ``cond`` tensors split alike). ``nfe`` and ``seconds`` are the slowest rank's."""
     if distributed.world_size() == 1:
         return solvers.log_likelihood(sde, score_fn, x, seed=seed, progress=progress, **kwargs)
     if len(x) < distributed.world_size():
@@ -64,7 +74,7 @@ def log_likelihood_on_ranks(sde, score_fn, x: torch.Tensor, seed: int | None = N
     seed = _seed(seed)
     start, stop = distributed.shard(len(x))
     part = solvers.log_likelihood(sde, score_fn, x[start:stop], seed=seed, index_offset=start,
-                                  progress=progress and distributed.is_main(), **kwargs)
+                                  progress=progress and distributed.is_main(), **_rows(kwargs, start, stop, len(x)))
     costs = distributed.gather_objects((part.nfe, part.seconds))
     probes = distributed.gather_rows(part.logp_probes.T.contiguous()).T    # (K, B): gathered along the points
     return dataclasses.replace(part, logp=distributed.gather_rows(part.logp), bpd=distributed.gather_rows(part.bpd),

@@ -5,7 +5,9 @@ numbers, strings, lists and dicts only; nothing is unpickled that could run code
 
 - ``format``: the format tag below;
 - ``model_spec``: what rebuilds the model without any config system: the SDE class and
-  hyperparameters, the network kind, event shape and arguments, the parameterisation, σ_data;
+  hyperparameters, the network kind, event shape and arguments (``num_classes`` for a class-conditional
+  one), the parameterisation, σ_data, and for a conditional model ``labels``: its class names and the
+  label dropout it was trained with;
 - ``model``, ``ema``: state dicts of the training and the averaged weights;
 - ``optimizer``, ``step``, ``rng``: what resuming needs;
 - ``config``: the resolved run config, for the record;
@@ -241,7 +243,7 @@ def model_spec(model, data_info: dict[str, Any]) -> dict[str, Any]:
         raise ModelError("the model's network was not built by models.build_network (it has no .spec), so a "
                          "checkpoint could not rebuild it; build it with models.build_score_model.")
     sde = model.sde
-    return {
+    spec = {
         "sde": {"class": type(sde).__name__, **sde.hparams()},
         "net": dict(net_spec),
         "parameterization": model.parameterization,
@@ -249,6 +251,12 @@ def model_spec(model, data_info: dict[str, Any]) -> dict[str, Any]:
         "sigma_data": model.sigma_data,
         "data": dict(data_info),
     }
+    if getattr(model, "conditional", False):   # an unconditional model's spec is that of before labels existed
+        classes = getattr(model, "classes", None)
+        dropout = getattr(model, "label_dropout", None)
+        spec["labels"] = {"classes": None if classes is None else [str(c) for c in classes],
+                          "label_dropout": None if dropout is None else float(dropout)}
+    return spec
 
 
 def build_from_spec(spec: dict[str, Any]):
@@ -265,6 +273,13 @@ def build_from_spec(spec: dict[str, Any]):
     model = build_score_model(sde, net_spec.pop("kind"), tuple(net_spec.pop("event_shape")),
                               parameterization=spec["parameterization"], time_input=spec["time_input"],
                               sigma_data=spec["sigma_data"], **net_spec)
+    labels = spec.get("labels") or {}
+    classes = labels.get("classes")
+    if classes is not None and len(classes) != model.num_classes:
+        raise CheckpointError(f"the model_spec names {len(classes)} classes for a network of num_classes="
+                              f"{model.num_classes}; the checkpoint is inconsistent: use another one.")
+    model.classes = None if classes is None else tuple(str(c) for c in classes)
+    model.label_dropout = None if labels.get("label_dropout") is None else float(labels["label_dropout"])
     return sde, model
 
 

@@ -23,7 +23,11 @@ Tensor = torch.Tensor
 
 __all__ = ["GaussianFourierEmbedding", "SinusoidalEmbedding", "MLPScoreNet", "UNet", "ScoreModel",
            "build_network", "build_score_model", "given_cond", "PARAMETERIZATIONS", "EMBEDDINGS", "NETWORKS",
-           "DERIVED_ARGS", "TIME_INPUTS"]
+           "DERIVED_ARGS", "TIME_INPUTS", "NULL_LABEL"]
+
+#: The label of a row that takes the unconditional branch: ``y[b] = NULL_LABEL`` (classifier-free guidance's
+#: "no label"); ``y=None`` makes the whole batch unconditional.
+NULL_LABEL = -1
 
 
 # ---- time embeddings ----------------------------------------------------------------------------
@@ -119,6 +123,49 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+# ---- class labels ------------------------------------------------------------------------------
+
+def _num_classes(value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ModelError(f"num_classes must be an integer >= 0 (0: unconditional), got {value!r}.")
+    return int(value)
+
+
+class _LabelEmbedding(nn.Module):
+    """A learned vector per class and one for "no label": nn.Embedding(K + 1, dim), the last row the null label.
+
+    ``forward(y, batch)`` maps y (B,) with values in [−1, K) to (B, dim); ``NULL_LABEL`` (−1) and ``y=None``
+    (the whole batch) take the last row, the unconditional branch that label dropout trains. The vectors
+    start at zero, so an untrained conditional network computes what its unconditional twin does, and each
+    row moves only with the gradients of its own label's samples.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, dim)
+        nn.init.zeros_(self.embed.weight)
+
+    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        K = self.num_classes
+        if y is None:
+            return self.embed.weight[K].expand(batch, -1)
+        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ModelError(f"y must be an integer tensor of class labels of shape ({batch},), got "
+                             f"{y.dtype if torch.is_tensor(y) else type(y).__name__}.")
+        if y.shape != (batch,):
+            raise ModelError(f"y must have shape ({batch},), one label per sample, got {tuple(y.shape)}.")
+        y = y.to(device=device, dtype=torch.long)
+        inside = ((y >= NULL_LABEL) & (y < K)).all()
+        message = f"y holds labels outside [-1, {K}): the model has K={K} classes 0..{K - 1} (-1: no label)."
+        if y.device.type == "cpu":
+            if not inside:
+                raise ModelError(message)
+        else:   # no host sync inside a solver's loop: the check fails at the device's next synchronisation
+            torch._assert_async(inside, message)
+        return self.embed(torch.where(y == NULL_LABEL, K, y))
+
+
 # ---- MLP for low-dimensional data -------------------------------------------------------------
 
 class _MLPBlock(nn.Module):
@@ -150,25 +197,38 @@ class MLPScoreNet(nn.Module):
         depth: number of residual blocks.
         embed_dim: size of the time embedding before its MLP (even).
         embedding: "fourier" (``GaussianFourierEmbedding``) or "sinusoidal".
+        num_classes: K > 0 makes the network class-conditional, ``forward(x, t, y)``: a learned vector per
+            class (and one for the null label −1) is added to the time embedding. 0: unconditional, and
+            exactly the parameters of a network built without it.
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, embed_dim: int = 64,
-                 embedding: str = "fourier"):
+                 embedding: str = "fourier", num_classes: int = 0):
         super().__init__()
         self.dim = _positive_int("dim", dim)
         hidden = _positive_int("hidden", hidden)
         depth = _positive_int("depth", depth, minimum=0)
+        self.num_classes = _num_classes(num_classes)
+        self.conditional = self.num_classes > 0
         self.time_embed = _time_mlp(embedding, embed_dim, hidden)
+        if self.conditional:
+            self.label_embed = _LabelEmbedding(self.num_classes, hidden)
         self.input = nn.Linear(self.dim, hidden)
         self.blocks = nn.ModuleList(_MLPBlock(hidden) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.output = _zero_(nn.Linear(hidden, self.dim))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The output (shape of x) at x (B, ...), t (B,) and, for a conditional net, labels y (B,) in [−1, K)
+        (None: all null)."""
         if x.dim() < 2 or x[0].numel() != self.dim:
             raise ModelError(f"MLPScoreNet(dim={self.dim}) takes x of shape (B, ...) with {self.dim} values "
                              f"per sample, got {tuple(x.shape)}.")
         temb = self.time_embed(t)
+        if self.conditional:
+            temb = temb + self.label_embed(y, x.shape[0], x.device).to(temb.dtype)
+        elif y is not None:
+            raise ModelError("this network is unconditional (num_classes=0) and takes no labels y.")
         h = self.input(x.flatten(1))
         for block in self.blocks:
             h = block(h, temb)
@@ -269,12 +329,18 @@ class UNet(nn.Module):
         embedding: "fourier" or "sinusoidal" time embedding.
         groups: GroupNorm groups (reduced to a divisor of the channel count where needed).
         skip_rescale: divide each residual sum by √2 (DDPM++; the default), or add plainly (DDPM).
+        num_classes: K > 0 makes the network class-conditional, ``forward(x, t, y)``: a learned vector per
+            class (and one for the null label −1) of the time embedding's size is added to it, so every
+            residual block sees the label. 0: unconditional, exactly the parameters without it.
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2),
                  num_res_blocks: int = 1, attn_resolutions: tuple[int, ...] = (4,), image_size: int = 8,
-                 dropout: float = 0.0, embedding: str = "fourier", groups: int = 8, skip_rescale: bool = True):
+                 dropout: float = 0.0, embedding: str = "fourier", groups: int = 8, skip_rescale: bool = True,
+                 num_classes: int = 0):
         super().__init__()
+        self.num_classes = _num_classes(num_classes)
+        self.conditional = self.num_classes > 0
         self.in_channels = _positive_int("in_channels", in_channels)
         self.image_size = _positive_int("image_size", image_size)
         base_channels = _positive_int("base_channels", base_channels)
@@ -294,6 +360,8 @@ class UNet(nn.Module):
 
         temb_dim = 4 * base_channels
         self.time_embed = _time_mlp(embedding, base_channels, temb_dim)
+        if self.conditional:
+            self.label_embed = _LabelEmbedding(self.num_classes, temb_dim)
         self.conv_in = nn.Conv2d(self.in_channels, base_channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> _ResBlock:
@@ -343,11 +411,17 @@ class UNet(nn.Module):
         self.norm_out = _group_norm(ch, groups)
         self.conv_out = _zero_(nn.Conv2d(ch, self.in_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The output (shape of x) at x (B, C, H, W), t (B,) and, for a conditional net, labels y (B,) in [−1, K)
+        (None: all null)."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ModelError(f"UNet expects x of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
         temb = self.time_embed(t)
+        if self.conditional:
+            temb = temb + self.label_embed(y, x.shape[0], x.device).to(temb.dtype)
+        elif y is not None:
+            raise ModelError("this network is unconditional (num_classes=0) and takes no labels y.")
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
@@ -419,6 +493,10 @@ class ScoreModel(nn.Module):
     discrete chain's index (``time_input="index"``): a DDPM/NCSN-style model conditioned on i/(N−1),
     trained at the integers and evaluated between them through ``sde.chain_position``.
 
+    Class labels: a network built with ``num_classes=K`` (``conditional``) takes ``score_fn(x, t, y=y)``, y (B,)
+    int64 in [−1, K), −1 (``NULL_LABEL``) or ``y=None`` the unconditional branch; ``label_dropout`` and
+    ``classes`` record how it was trained (None: unknown).
+
     ``set_precision`` runs the network in bf16/fp16 autocast and/or compiled (``precision=`` and
     ``compile=`` on the command line); the rest of the wrapper stays in the input's dtype.
 
@@ -452,8 +530,22 @@ class ScoreModel(nn.Module):
         self.sigma_data = float(sigma_data)
         self.time_input = time_input
         self.precision, self.compiled = "fp32", False   # set_precision
+        #: the share of training rows whose label was replaced by NULL_LABEL (None: unknown), and the class names
+        #: (None: unknown); both set by training and by checkpoints (``models.checkpoint.build_from_spec``)
+        self.label_dropout: float | None = None
+        self.classes: tuple[str, ...] | None = None
         self._lam_hi = sde.half_log_snr(torch.tensor(self.T_MIN, dtype=torch.float64)).item()
         self._lam_lo = sde.half_log_snr(torch.tensor(sde.T, dtype=torch.float64)).item()
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network takes class labels, ``score_fn(x, t, y=...)`` (its ``num_classes`` > 0)."""
+        return bool(getattr(self.net, "conditional", False))
+
+    @property
+    def num_classes(self) -> int:
+        """K, the classes of a conditional network (labels 0..K−1, and −1 for none); 0 when unconditional."""
+        return int(getattr(self.net, "num_classes", 0)) if self.conditional else 0
 
     def extra_repr(self) -> str:
         return (f"sde={self.sde!r}, parameterization={self.parameterization!r}, sigma_data={self.sigma_data}, "
@@ -473,8 +565,8 @@ class ScoreModel(nn.Module):
         lam = self.sde.half_log_snr(t.clamp_min(self.T_MIN))
         return ((self._lam_hi - lam) / (self._lam_hi - self._lam_lo)).to(t.dtype)
 
-    def _evaluate(self, x: Tensor, t, cond: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The network output, and α, s and c_in broadcast against x."""
+    def preconditioning(self, x: Tensor, t) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """t as (B,) (a scalar is expanded, checked against x), and α, s and c_in broadcast against x."""
         if x.dim() < 1:
             raise ModelError(f"x must have shape (B, ...), got {tuple(x.shape)}.")
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -485,7 +577,11 @@ class ScoreModel(nn.Module):
                              f"{tuple(x.shape)}, got {tuple(t.shape)}.")
         alpha = batch_broadcast(self.sde.log_mean_coeff(t).exp().to(x.dtype), x)
         std = batch_broadcast(self.sde.marginal_std(t).to(x.dtype), x)
-        c_in = torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+        return t, alpha, std, torch.rsqrt(alpha**2 * self.sigma_data**2 + std**2)
+
+    def _evaluate(self, x: Tensor, t, cond: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The network output, and α, s and c_in broadcast against x."""
+        t, alpha, std, c_in = self.preconditioning(x, t)
         net = self.net
         if self.compiled:
             if self.net not in _COMPILED:
@@ -580,7 +676,9 @@ def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Modul
             raise ModelError(f"a unet needs square images, event_shape (C, H, W) with H == W, e.g. (1, 8, 8) or "
                              f"(3, 32, 32); got {event_shape}: crop them square (data.resolution).")
         net = UNet(in_channels=event_shape[0], image_size=event_shape[1], **kwargs)
-    net.spec = {"kind": kind, "event_shape": list(event_shape), **kwargs}
+    # num_classes=0 is the unconditional network of before: its spec stays the same, so old runs resume
+    net.spec = {"kind": kind, "event_shape": list(event_shape),
+                **{k: v for k, v in kwargs.items() if not (k == "num_classes" and v == 0)}}
     return net
 
 

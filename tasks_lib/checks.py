@@ -17,12 +17,18 @@ from core_lib import UserError, build_options, distributed
 from evaluation import LOGGERS
 from models.networks import PRECISIONS
 from tasks_lib.export import export_source
+from tasks_lib.inpaint import check_inpaint
 from tasks_lib.model_source import build_sde, diffusers_request
 from tasks_lib.sample import dtype_of, likelihood_config
-from tasks_lib.schema import TASK_SCHEMAS
+from tasks_lib.schema import TASK_SCHEMAS, GuidanceConfig, InpaintConfig
 from training import check_batch_split, check_train_config
 
-__all__ = ["check_config", "check_device", "check_precision", "check_world", "check_logger"]
+__all__ = ["check_config", "check_device", "check_precision", "check_world", "check_logger", "check_guidance",
+           "check_labels_setup"]
+
+#: The tasks that draw samples and so take ``guidance.*``; the others refuse it rather than ignore it.
+GUIDED_TASKS = ("sample", "compare")
+NO_GUIDANCE_TASKS = ("likelihood", "train", "export")
 
 
 def check_device(name: str) -> torch.device:
@@ -101,6 +107,35 @@ def check_logger(logger: str) -> None:
             raise UserError(f"{missing} (importing it failed: {str(err).splitlines()[0]})") from None
 
 
+def check_guidance(cfg: DictConfig) -> GuidanceConfig:
+    """``guidance.*`` on its own (ranges, a classifier file that exists) and for the task; what fits the model
+    is checked once it is loaded (``tasks_lib.model_source.resolve_guidance``)."""
+    guidance = build_options(GuidanceConfig, OmegaConf.to_container(cfg.guidance, resolve=True), "guidance", UserError)
+    name = cfg.task.name
+    set_keys = [f"guidance.{k}" for k in ("y", "scale", "classifier", "threshold") if getattr(guidance, k) is not None]
+    if set_keys and name in NO_GUIDANCE_TASKS:
+        raise UserError(f"{', '.join(set_keys)} applies to task={' and task='.join(GUIDED_TASKS)}, which draw samples; "
+                        f"drop it for task={name}.")
+    if name == "compare" and cfg.task.guidance_scales and guidance.scale is not None:
+        raise UserError(f"task.guidance_scales={list(cfg.task.guidance_scales)} sweeps the guidance scale, so "
+                        f"guidance.scale={guidance.scale} would be ignored; give one of the two.")
+    if guidance.classifier is not None and not os.path.isfile(guidance.classifier):
+        raise UserError(f"guidance.classifier: no classifier file at {guidance.classifier}; give the .pt written by "
+                        "`python run.py task=train_classifier` (or drop guidance.classifier).")
+    return guidance
+
+
+def check_labels_setup(cfg: DictConfig) -> None:
+    """``model.num_classes`` and ``task.label_dropout`` of a training run on their own (the data's classes are
+    checked against them once it is loaded, ``training.check_conditioning``)."""
+    K = cfg.model.get("num_classes", 0)
+    if K < 0:
+        raise UserError(f"model.num_classes: must be 0 (unconditional) or the data's number of classes K, got {K}.")
+    if cfg.task.name == "train" and K == 0 and cfg.task.get("label_dropout") is not None:
+        raise UserError(f"task.label_dropout={cfg.task.label_dropout} applies to class-conditional models; set "
+                        "model.num_classes=K (the data's class count) or drop task.label_dropout.")
+
+
 def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
     """Every setting the task of ``cfg`` will use, checked before it starts; the first problem is a UserError.
 
@@ -120,10 +155,18 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
         check_train_config(task)
     else:
         build_options(TASK_SCHEMAS[name], task, f"task={name}", UserError)
-    if name != "sample" or cfg.task.likelihood:
+    if name not in ("sample", "inpaint") or name == "sample" and cfg.task.likelihood:
         likelihood_config(cfg).validate()
+    check_guidance(cfg)
+    check_labels_setup(cfg)
     if name == "export":
         export_source(cfg)
+    build_options(InpaintConfig, OmegaConf.to_container(cfg.inpaint, resolve=True), "inpaint", UserError)
+    set_here = sorted(k for k in overridden or () if k.startswith("inpaint."))
+    if set_here and name != "inpaint":
+        raise UserError(f"{set_here[0]} applies to task=inpaint only; add task=inpaint, or drop it.")
+    if name == "inpaint":
+        check_inpaint(cfg, overridden or set())
     if name == "sample":
         steps = cfg.solver.steps
         if steps is not None and steps < 1:

@@ -9,6 +9,9 @@ of the same shape may replace the training data), and a contradiction is refused
 ``ckpt=diffusers:DIR`` converts a diffusers pipeline directory (``models.from_diffusers``): its scheduler
 gives the SDE (only ``sde.N`` may change), its UNet the score; it has no data, so ``data=`` of its shape
 gives the held-out points, which ``task=likelihood`` and ``task=compare`` need.
+
+:func:`resolve_guidance` turns ``guidance.*`` into the labels and guidance options of a solve, checked
+against the model once it is loaded (its classes, whether it is conditional, its label dropout).
 """
 from __future__ import annotations
 
@@ -21,16 +24,16 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core_lib import UserError
+from core_lib import UserError, build_options
 from data_lib import Dataset
 from evaluation import load_data
 from models import MixtureScore, load_checkpoint
 from models.from_diffusers import PipelineInfo, inspect_pipeline, load_pipeline
 from sde_lib import SDE, sde_name
-from tasks_lib.schema import model_schema
+from tasks_lib.schema import GuidanceConfig, model_schema
 
 __all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "shipped_checkpoint",
-           "overridden_keys", "diffusers_request", "DIFFUSERS_PREFIX"]
+           "overridden_keys", "diffusers_request", "DIFFUSERS_PREFIX", "Guidance", "resolve_guidance"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
 #: ``ckpt=diffusers:DIR``: a pipeline directory written by diffusers' ``save_pretrained`` (or a Hub id).
@@ -239,3 +242,127 @@ def _plain(value):
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value)
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---- guidance ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Guidance:
+    """What ``guidance.*`` asks of a solve, checked against the model.
+
+    Attributes:
+        labels: (n,) int64 on the CPU, the class each sample is drawn for; None: unconditional sampling.
+        scale: w (None: the solver's default, 1 without a classifier, 0 with one).
+        classifier: the loaded classifier (``models.classifier.load_classifier``), or None.
+        classifier_scale: γ (used with a classifier only).
+        threshold: the dynamic-thresholding quantile, or None.
+        classes: the class names, index = label (None: unknown).
+        warning: one line on why the guidance may be poor (a model trained without label dropout), or None.
+    """
+
+    labels: Optional[torch.Tensor] = None
+    scale: Optional[float] = None
+    classifier: Optional[Callable] = None
+    classifier_scale: float = 1.0
+    threshold: Optional[float] = None
+    classes: Optional[tuple] = None
+    warning: Optional[str] = None
+
+    def options(self, scale: Optional[float] = None, device: torch.device | str = "cpu") -> dict:
+        """The keyword arguments of ``solvers.sample`` (via ``sample_on_ranks``) for guidance scale ``scale``
+        (None: this guidance's own): ``cond`` with the labels (``sample_on_ranks`` gives each rank its rows), and only the guidance settings that are set."""
+        w = self.scale if scale is None else scale
+        options: dict = {}
+        if self.labels is not None:
+            options["cond"] = {"y": self.labels.to(device)}
+        if w is not None:
+            options["guidance_scale"] = w
+        if self.classifier is not None:
+            options.update(classifier=self.classifier, classifier_scale=self.classifier_scale)
+        if self.threshold is not None:
+            options["dynamic_threshold"] = self.threshold
+        return options
+
+    def describe(self, scale: Optional[float] = None) -> str:
+        """A few words for titles: "class 3, w=2" and the like; "" for unconditional sampling."""
+        parts = []
+        if self.labels is not None:
+            ks = self.labels.unique().tolist()
+            parts.append(f"class {self.name(ks[0])}" if len(ks) == 1 else f"{len(ks)} classes")
+        w = self.scale if scale is None else scale
+        if w is not None:
+            parts.append(f"w={w:g}")
+        if self.classifier is not None:
+            parts.append(f"classifier γ={self.classifier_scale:g}")
+        if self.threshold is not None:
+            parts.append(f"threshold {self.threshold:g}")
+        return ", ".join(parts)
+
+    def name(self, k: int) -> str:
+        return str(self.classes[k]) if self.classes is not None and 0 <= k < len(self.classes) else str(k)
+
+
+def resolve_guidance(cfg: DictConfig, model: ResolvedModel, n: int, device: torch.device | str,
+                     scales: Iterable[Optional[float]] = (None,)) -> Guidance:
+    """``cfg.guidance`` for ``n`` samples of ``model``, checked before any sampling; ``scales`` the guidance scales
+    the task will use (``task.guidance_scales``; None: ``guidance.scale``).
+
+    Labels: ``guidance.y`` for every sample; with ``guidance.y=null``, an even split of the n samples over the K
+    classes in blocks (sample b gets class ⌊bK/n⌋) when a scale or a classifier asks for guidance, none otherwise.
+
+    Raises:
+        UserError: a label or a scale for an unconditional model (a label is fine with a classifier), a label out
+            of range, ``guidance.y`` with data that have no classes, a classifier of another class count.
+        models.CheckpointError: a classifier file that is missing or unreadable.
+    """
+    g = build_options(GuidanceConfig, OmegaConf.to_container(cfg.guidance, resolve=True), "guidance", UserError)
+    scales = [g.scale if w is None else w for w in scales]
+    fn = model.score_fn
+    conditional = bool(getattr(fn, "conditional", False))
+    K = int(getattr(fn, "num_classes", 0) or 0) if conditional else 0
+    what = "the exact score" if model.source == "exact" else f"ckpt={cfg.ckpt}"
+    classifier = None
+    if g.classifier is not None:
+        from models.classifier import load_classifier   # imported here: only classifier guidance needs it
+        classifier = load_classifier(g.classifier, device=device)
+    swept = any(w is not None for w in scales)
+    if not conditional:
+        if swept:
+            raise UserError(f"guidance.scale (classifier-free guidance) needs a class-conditional model, and {what} is "
+                            "unconditional; train one with model.num_classes=K, or guide this one with a classifier "
+                            "(guidance.classifier=PATH, guidance.classifier_scale).")
+        if g.y is not None and classifier is None:
+            raise UserError(f"guidance.y={g.y}: {what} is unconditional and takes no class label; train a conditional "
+                            "model (model.num_classes=K), or guide this one with a classifier (guidance.classifier=PATH).")
+    if conditional and classifier is not None and classifier.num_classes != K:
+        raise UserError(f"guidance.classifier={g.classifier} tells {classifier.num_classes} classes apart, but {what} "
+                        f"has {K}; use a classifier trained on the model's classes.")
+    data = model.data
+    if g.y is not None and data is not None and data.num_classes == 0:
+        raise UserError(f"guidance.y={g.y}: data={data.name} has no classes (no labels); use labelled data or drop "
+                        "guidance.y.")
+    bound = K if conditional else (classifier.num_classes if classifier is not None else 0)
+    classes = getattr(fn, "classes", None) or getattr(classifier, "classes", None)
+    if classes is None and data is not None and data.num_classes == bound:
+        classes = data.classes
+    if g.y is not None and g.y >= bound:
+        names = f" ({', '.join(map(str, classes[:12]))}{', ...' if len(classes) > 12 else ''})" if classes else ""
+        raise UserError(f"guidance.y={g.y} is out of range: {what} has {bound} classes, labels 0..{bound - 1}{names}.")
+
+    labels = None
+    if g.y is not None:
+        labels = torch.full((n,), g.y, dtype=torch.int64)
+    elif (conditional and swept) or classifier is not None:
+        labels = torch.arange(n) * bound // n
+    warning = None
+    if conditional and getattr(fn, "label_dropout", None) == 0:
+        # w = 1 is the conditional branch alone; anything else, or no label at all, uses the unconditional one
+        effective = [w if w is not None else (0.0 if classifier is not None else 1.0) for w in scales]
+        if labels is None or any(w != 1 for w in effective):
+            use = ("unconditional samples" if labels is None
+                   else f"guidance with w={', '.join(f'{w:g}' for w in effective if w != 1)}")
+            warning = (f"warning: {what} was trained without label dropout (task.label_dropout=0), so its unconditional "
+                       f"branch was never trained and {use} may be poor; for classifier-free guidance train with "
+                       "task.label_dropout=0.1.")
+    return Guidance(labels=labels, scale=g.scale, classifier=classifier, classifier_scale=g.classifier_scale,
+                    threshold=g.threshold, classes=tuple(classes) if classes is not None else None, warning=warning)

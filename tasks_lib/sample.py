@@ -1,6 +1,16 @@
-"""``task=sample`` and ``task=likelihood``: what they compute, the files they write, the metrics they report."""
+"""``task=sample`` and ``task=likelihood``: what they compute, the files they write, the metrics they report.
+
+With ``guidance.*`` (``tasks_lib.model_source.resolve_guidance``) ``task=sample`` draws class-conditional or
+guided samples, scored against the held-out points of the same classes; ``task=likelihood`` of a conditional
+model on labelled data also reports log p(x | y) of each point under its own label. On ``data=digits`` the shipped
+digits classifier scores the samples too (``classifier_quality``): the Fréchet distance in its features to the
+held-out digits, and for class-conditional samples the share it assigns to their labels.
+"""
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -8,11 +18,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core_lib import UserError, distributed
-from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, held_out_likelihood, sample_on_ranks,
-                        sample_quality, save_samples, save_trajectories)
-from tasks_lib.model_source import ResolvedModel, resolve_model
+from data_lib import Dataset
+from evaluation import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, LikelihoodConfig, RunOutput, class_accuracy,
+                        frechet_distance, held_out_likelihood, load_digits_classifier, log_likelihood_on_ranks,
+                        sample_on_ranks, sample_quality, save_samples, save_trajectories, sliced_wasserstein)
+from solvers.guidance import GuidanceWarning
+from tasks_lib.model_source import Guidance, ResolvedModel, resolve_guidance, resolve_model
 
-__all__ = ["sample_task", "likelihood_task", "dtype_of", "likelihood_config", "write_config", "header"]
+__all__ = ["sample_task", "likelihood_task", "dtype_of", "likelihood_config", "write_config", "header",
+           "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
 
 
 def dtype_of(cfg: DictConfig) -> torch.dtype:
@@ -60,49 +74,198 @@ def _likelihood_metrics(held_out: HeldOutLikelihood) -> dict[str, Any]:
     return metrics
 
 
+def quiet_guidance():
+    """A context in which the solvers' GuidanceWarning stays silent: the tasks print their own one line
+    (``Guidance.warning``) before any work instead."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", GuidanceWarning)
+    return stack
+
+
+def _class_rows(point_labels: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
+    """The indices of the first counts[k] points of class k, for every k, in class order."""
+    return torch.cat([(point_labels == k).nonzero()[:c, 0] for k, c in sorted(counts.items())])
+
+
+def component_log_density(data: Dataset, x: torch.Tensor) -> torch.Tensor:
+    """log N(x; μ_k, Σ_k) of each point under each component k of the data's exact mixture, (B, K) in float64."""
+    mixture = data.mixture
+    flat = x.detach().double().cpu().flatten(1)
+    ones, zeros = torch.ones(len(flat), dtype=torch.float64), torch.zeros(len(flat), dtype=torch.float64)
+    joint = mixture._components(flat, ones, zeros)[0]               # log w_k + log N_k at t = 0
+    return joint - mixture.weights.log()
+
+
+def labelled_quality(samples: torch.Tensor, labels: torch.Tensor, data: Dataset, seed: int) -> dict[str, float]:
+    """Quality of class-conditional samples (labels (n,): the class each was drawn for) against held-out data.
+
+    ``swd``: sliced W1 between the samples and the held-out points of the same classes, m_k of each class k
+    from both sides, m_k = min(samples of class k, held-out points of class k) (so the class proportions
+    agree); ``swd_floor``: the same between as many training and held-out points of those classes (a
+    perfect sampler's score). For a Gaussian mixture, ``label_accuracy``: the share of samples whose most
+    probable component under the exact p₀(k | x) is their label (below 1 for exact class-conditional draws
+    only by the components' overlap: ``label_accuracy_exact``, the same share for the held-out points of
+    those classes).
+    """
+    labels = labels.cpu()
+    test, test_labels = data.test_points(), data.test_labels
+    counts = {}
+    for k in labels.unique().tolist():
+        m = min(int((labels == k).sum()), int((test_labels == k).sum()))
+        if m:
+            counts[k] = m
+    out: dict[str, float] = {}
+    if counts:
+        matched_test = test[_class_rows(test_labels, counts)]
+        out["swd"] = sliced_wasserstein(samples[_class_rows(labels, counts)], matched_test, seed=seed)
+        train = data.decode(data.train[_class_rows(data.train_labels, counts)])
+        out["swd_floor"] = sliced_wasserstein(train, matched_test, seed=seed)
+    if data.mixture is not None:
+        prior = data.mixture.weights.log()
+        guess = (component_log_density(data, samples) + prior).argmax(1)
+        out["label_accuracy"] = (guess == labels).double().mean().item()
+        mine = torch.isin(test_labels, labels.unique())   # held-out points of the samples' classes
+        held = (component_log_density(data, test[mine]) + prior).argmax(1)
+        out["label_accuracy_exact"] = (held == test_labels[mine]).double().mean().item()
+    return out
+
+
+def digits_classifier(data: Dataset | None, device: torch.device | str = "cpu"):
+    """The shipped digits classifier (``evaluation.load_digits_classifier``) when the data are ``data=digits``,
+    which it scores; None for any other data. It was trained on the training split of seed 0: with another
+    ``seed`` some of the held-out digits it is scored against were among its training images."""
+    if data is None or data.name != "digits" or data.event_shape != (1, 8, 8):
+        return None
+    return load_digits_classifier(device)
+
+
+def classifier_quality(clf, samples: torch.Tensor, data: Dataset,
+                       labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Samples scored by ``clf`` (``digits_classifier``): ``frechet_distance`` in its features to all held-out
+    points, and with ``labels`` (the class each sample was drawn for) ``class_accuracy``, the share it assigns
+    to them. The samples are in the data's ``data_range``, mapped onto the classifier's own; values the sampler
+    left outside that range are scored as they are (not clipped)."""
+    out = {"frechet_distance": frechet_distance(clf, samples, data.test_points(), data_range=data.data_range)}
+    if labels is not None:
+        out["class_accuracy"] = class_accuracy(clf, samples, labels, data_range=data.data_range)
+    return out
+
+
+def frechet_floor(clf, data: Dataset, n: int) -> float:
+    """``frechet_distance`` of min(n, all) training points to the held-out points: what samples of the data
+    distribution itself would score (the distance is biased upwards at small n, so compare sets of equal sizes)."""
+    return frechet_distance(clf, data.decode(data.train[:n]), data.test_points(), data_range=data.data_range)
+
+
+def _labelled(guidance: Guidance, data: Dataset) -> bool:
+    """Whether the samples' labels are the data's classes."""
+    return guidance.labels is not None and bool(data.num_classes) and data.num_classes == len(guidance.classes or ())
+
+
+def _guided_quality(samples: torch.Tensor, guidance: Guidance, data: Dataset, seed: int) -> dict[str, Any]:
+    """Sample quality: against the held-out points of the samples' classes when the data carry those classes;
+    on digits also by the shipped classifier (``classifier_quality``)."""
+    labelled = _labelled(guidance, data)
+    out = labelled_quality(samples, guidance.labels, data, seed) if labelled else sample_quality(samples, data, seed)
+    clf = digits_classifier(data)
+    if clf is not None:
+        out.update(classifier_quality(clf, samples, data, guidance.labels if labelled else None),
+                   frechet_floor=frechet_floor(clf, data, len(samples)))
+    return out
+
+
 def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
-    """Sample with the chosen SDE and solver; quality against held-out data; the ODE likelihood of test data."""
+    """Sample with the chosen SDE and solver (and ``guidance.*``); quality against held-out data; the ODE
+    likelihood of test data."""
     out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
     tc = cfg.task
+    guidance = resolve_guidance(cfg, model, tc.n_samples, device)
+    if guidance.warning:
+        out.say(guidance.warning)
     options = OmegaConf.to_container(cfg.solver.options, resolve=True)
-    result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.event_shape),
-                             solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed, device=device,
-                             dtype=dtype, trajectory=min(tc.trajectories, tc.n_samples), progress=True, **options)
+    with quiet_guidance():
+        result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.event_shape),
+                                 solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed,
+                                 device=device, dtype=dtype, trajectory=min(tc.trajectories, tc.n_samples),
+                                 progress=True, **options, **guidance.options(device=device))
     samples = result.samples.cpu()
     metrics = {**header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
                "sample_seconds": result.seconds}
+    if guidance.describe():
+        metrics["guidance"] = guidance.describe()
     if model.data is None:
         metrics["note"] = NO_DATA_NOTE
     else:
-        metrics.update(sample_quality(samples, model.data, cfg.seed))
+        metrics.update(_guided_quality(samples, guidance, model.data, cfg.seed))
     if tc.likelihood and model.data is not None:
         held_out = held_out_likelihood(model.sde, model.score_fn, model.data, likelihood_config(cfg), cfg.seed,
                                        device, dtype, progress=True)
         metrics.update(_likelihood_metrics(held_out))
 
     write_config(out, cfg, model)
-    out.write_npz("samples.npz", samples=samples.numpy(), z=result.z.cpu().numpy())
-    title = f"{metrics['sde']}, {cfg.solver.name}: {result.nfe} NFE"
+    labelled = {} if guidance.labels is None else {"y": guidance.labels.numpy()}
+    out.write_npz("samples.npz", samples=samples.numpy(), z=result.z.cpu().numpy(), **labelled)
+    title = f"{metrics['sde']}, {cfg.solver.name}: {result.nfe} NFE" + (f"; {metrics['guidance']}"
+                                                                       if "guidance" in metrics else "")
     beside = None if samples.dim() == 4 or model.data is None else model.data.test_points()   # scatter plots only
     shown = model.data.data_range if model.data is not None else None   # images: the data's range, black to white
-    out.write_figure("samples.png", save_samples, samples, title, data=beside, value_range=shown)
+    out.write_figure("samples.png", save_samples, samples, title, data=beside, value_range=shown,
+                     labels=guidance.labels, classes=guidance.classes)
     if result.trajectory is not None:
         out.write_figure("trajectories.png", save_trajectories, *result.trajectory, title)
     return out.metrics(metrics)
 
 
+def conditional_likelihood(model: ResolvedModel, held_out: HeldOutLikelihood, config: LikelihoodConfig, seed: int,
+                           device: torch.device, progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """log p(x | y) of the points ``held_out`` scored, each under its own held-out label: (metrics, arrays).
+
+    The same points (dequantised alike), ODE settings and Hutchinson probes as the unconditional likelihood,
+    so the two are paired: their difference per point is log p(y | x) − log p(y). For a Gaussian mixture whose
+    classes are its components the exact −log p₀(x | y) gives ``kl_cond_nats``.
+    """
+    data = model.data
+    y = data.test_labels[:held_out.n_eval]
+    options = config.solver_options()
+    if options["divergence"] == "auto":
+        options["divergence"] = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+    lik = log_likelihood_on_ranks(model.sde, model.score_fn, held_out.points, seed=seed, levels=data.levels,
+                                  data_range=data.data_range, progress=progress,
+                                  cond={"y": y.to(device)}, **options)
+    nll = -lik.logp.double()
+    metrics = {"nll_cond_nats": nll.mean().item(),
+               "nll_cond_stderr_nats": (nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,
+               "bpd_cond": lik.bpd.double().mean().item(), "likelihood_cond_nfe": lik.nfe}
+    if data.mixture is not None and data.mixture.weights.numel() == data.num_classes:
+        exact = -component_log_density(data, held_out.points).gather(1, y[:, None])[:, 0]
+        metrics.update(nll_cond_exact_nats=exact.mean().item(), kl_cond_nats=metrics["nll_cond_nats"] - exact.mean().item())
+    return metrics, {"y": y.numpy(), "logp_cond": lik.logp.cpu().numpy()}
+
+
 def likelihood_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:
-    """The ODE log-likelihood of ``likelihood.n_eval`` held-out points: nats, bits/dim, and per point."""
+    """The ODE log-likelihood of ``likelihood.n_eval`` held-out points: nats, bits/dim, and per point; for a
+    class-conditional model on labelled data also log p(x | y) under each point's own label (``nll_cond_nats``)."""
     out = RunOutput(run_dir)
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
-    held_out = held_out_likelihood(model.sde, model.score_fn, model.data, likelihood_config(cfg), cfg.seed, device,
+    config = likelihood_config(cfg)
+    conditional = bool(getattr(model.score_fn, "conditional", False))
+    K = int(getattr(model.score_fn, "num_classes", 0) or 0)
+    if conditional and model.data.num_classes and model.data.num_classes != K:
+        raise UserError(f"data={model.data.name} has {model.data.num_classes} classes but ckpt={cfg.ckpt} has {K}; "
+                        "log p(x | y) needs the labels the model was trained on: drop the data override.")
+    held_out = held_out_likelihood(model.sde, model.score_fn, model.data, config, cfg.seed, device,
                                    dtype, progress=True)
     metrics = {**header(cfg, model), **_likelihood_metrics(held_out)}
+    arrays: dict[str, Any] = {}
+    if conditional and model.data.num_classes:
+        extra, arrays = conditional_likelihood(model, held_out, config, cfg.seed, device, progress=True)
+        metrics.update(extra)
     write_config(out, cfg, model)
     lik = held_out.result
     out.write_npz("likelihood.npz", x=held_out.points.cpu().numpy(), logp=lik.logp.cpu().numpy(),
-         bpd=lik.bpd.cpu().numpy(), z=lik.z.cpu().numpy())
+         bpd=lik.bpd.cpu().numpy(), z=lik.z.cpu().numpy(), **arrays)
     return out.metrics(metrics)

@@ -7,7 +7,11 @@ from typing import List, Optional
 
 from core_lib import UserError, finite_positive, require
 
-__all__ = ["TrainConfig", "TrainingError"]
+__all__ = ["TrainConfig", "TrainingError", "DEFAULT_LABEL_DROPOUT"]
+
+#: ``task.label_dropout=null`` for a class-conditional model: 10% of the rows train the unconditional branch
+#: (Ho & Salimans 2022 found 0.1–0.2 best; the conditional branch keeps 90% of the data).
+DEFAULT_LABEL_DROPOUT = 0.1
 
 
 class TrainingError(UserError):
@@ -44,6 +48,8 @@ class TrainConfig:
     eval_samples: int = 2000        # samples drawn for the evaluation figure
     divergence_factor: Optional[float] = 100.0  # a loss above this × its running mean is divergence (null: never)
     on_divergence: str = "stop"     # stop (TrainingError naming the last good checkpoint) or warn (one line, go on)
+    label_dropout: Optional[float] = None  # conditional models: share p of rows trained unlabelled (classifier-free
+                                           # guidance's null branch); null: 0.1, 0: never (no guidance later)
 
     def validate(self) -> None:
         """Refuse settings that cannot train, before any work (each message names the ``task.`` key)."""
@@ -68,3 +74,5 @@ class TrainConfig:
         need(self.reduction in ("mean", "sum"), "reduction", "must be mean or sum")
         need(not self.importance_sampling or self.weighting == "likelihood", "importance_sampling",
              "applies to task.weighting=likelihood only")
+        need(self.label_dropout is None or 0 <= self.label_dropout < 1, "label_dropout",
+             "must be null (0.1 for a conditional model) or in [0, 1)")

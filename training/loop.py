@@ -36,7 +36,7 @@ from evaluation import LikelihoodConfig, RunOutput, held_out_likelihood, sample_
 from models import ScoreModel
 from models.checkpoint import TRAINING_KEYS, CheckpointError, model_spec, read_checkpoint
 from sde_lib import VESDE, VPSDE
-from training.config import TrainConfig, TrainingError
+from training.config import DEFAULT_LABEL_DROPOUT, TrainConfig, TrainingError
 from training.batches import batch_loader
 from training.ema import EMA
 from training.losses import get_loss
@@ -44,7 +44,7 @@ from training.losses import get_loss
 log = logging.getLogger(__name__)
 
 __all__ = ["train", "resume", "evaluate", "learning_rate", "check_train_config", "check_batch_split", "score_scale",
-           "newest_checkpoint"]
+           "newest_checkpoint", "check_conditioning"]
 
 
 def check_train_config(config: TrainConfig | dict) -> TrainConfig:
@@ -61,28 +61,57 @@ def check_batch_split(batch_size: int) -> None:
                             f"processes; use a multiple of {world}, or start fewer processes (torchrun --nproc_per_node).")
 
 
+def check_conditioning(config: TrainConfig, model: ScoreModel, data: Dataset) -> float | None:
+    """The label dropout p of a class-conditional model (``task.label_dropout``, null: 0.1), None for an
+    unconditional one; a TrainingError when the model's classes and the data's labels do not fit."""
+    if not model.conditional:
+        if config.label_dropout is not None:
+            raise TrainingError(f"task.label_dropout={config.label_dropout} applies to class-conditional models; "
+                                "set model.num_classes=K (the data's class count) or drop task.label_dropout.")
+        return None
+    K = model.num_classes
+    if data.num_classes == 0:
+        raise TrainingError(f"model.num_classes={K} makes a class-conditional model, but data={data.name} has no "
+                            "class labels; train on labelled data (ring, mix16d, moons, checkerboard, digits, an "
+                            "image folder of class sub-folders, data=array with data.labels_key) or set "
+                            "model.num_classes=0.")
+    if K != data.num_classes:
+        raise TrainingError(f"model.num_classes={K} differs from the {data.num_classes} classes of data={data.name} "
+                            f"({', '.join(data.classes[:12])}{', ...' if data.num_classes > 12 else ''}); set "
+                            f"model.num_classes={data.num_classes}.")
+    return DEFAULT_LABEL_DROPOUT if config.label_dropout is None else float(config.label_dropout)
+
+
+def _test_labels(data: Dataset, model: ScoreModel, start: int, stop: int) -> torch.Tensor | None:
+    """The labels of test rows start..stop for a conditional model (None for an unconditional one)."""
+    return data.test_labels[start:stop].to(data.test.device) if model.conditional else None
+
+
 @torch.no_grad()
 def _test_loss(model, sde, data: Dataset, loss_fn, loss_options, batch_size: int, seed: int) -> float:
-    """The mean loss over the test split, each batch with noise of its own seed, the batches shared out over
-    the ranks."""
+    """The mean loss over the test split (a conditional model's at the points' own labels), each batch with
+    noise of its own seed, the batches shared out over the ranks."""
     starts = list(range(0, len(data.test), batch_size))
     first, stop = distributed.shard(len(starts))
     total = torch.zeros(2, dtype=torch.float64, device=data.test.device)   # sum of losses, count
     for b in range(first, stop):
         x0 = data.decode(data.test[starts[b]:starts[b] + batch_size])
+        labels = _test_labels(data, model, starts[b], starts[b] + len(x0))
         gen = torch.Generator(device=data.test.device).manual_seed(seed + 1_000_003 * b)
-        total[0] += loss_fn(model, sde, x0, generator=gen, **loss_options).double() * len(x0)
+        total[0] += loss_fn(model, sde, x0, generator=gen, labels=labels, **loss_options).double() * len(x0)
         total[1] += len(x0)
     total = distributed.all_sum(total)
     return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
-def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0), batch_size: int = 256) -> float:
+def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0), batch_size: int = 256,
+                labels: torch.Tensor | None = None) -> float:
     """max over t of E‖s_θ(x_t)‖² s(t)²/D on noised test points: at most 1 for the true score.
 
     By Jensen, E‖∇log p_t(x_t)‖² ≤ E‖∇log p(x_t | x_0)‖² = D/s(t)² for any data, so a model far above
-    1 has a score whose magnitude exploded, whatever its loss says. The points go through the network
+    1 has a score whose magnitude exploded, whatever its loss says (the same bound holds for the
+    conditional score at the points' ``labels``). The points go through the network
     ``batch_size`` at a time (a U-Net's activations for 256 images of 32×32 take a gigabyte).
     """
     gen = torch.Generator(device=x0.device).manual_seed(seed + 13)
@@ -92,7 +121,9 @@ def score_scale(model, sde, x0: torch.Tensor, seed: int, times=(0.1, 0.5, 1.0), 
         mean, std = sde.marginal_prob(x0, tt)
         std = std.reshape(-1, *[1] * (x0.dim() - 1))
         x = mean + std * torch.randn(x0.shape, generator=gen, dtype=x0.dtype, device=x0.device)
-        score = torch.cat([model(x[i:i + batch_size], tt[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        score = torch.cat([model(x[i:i + batch_size], tt[i:i + batch_size],
+                                 **({} if labels is None else {"y": labels[i:i + batch_size]}))
+                           for i in range(0, len(x), batch_size)])
         power = score.flatten(1).pow(2).sum(1) * std.flatten() ** 2 / x0[0].numel()
         worst = max(worst, power.mean().item())
     return worst
@@ -104,10 +135,15 @@ def evaluate(model: ScoreModel, data: Dataset, config: TrainConfig, likelihood: 
     sde = model.sde
     row: dict[str, Any] = {"step": step}
     row["test_loss"] = _test_loss(model, sde, data, loss_fn, loss_options, config.batch_size, seed + 7)
-    samples = sample_on_ranks(sde, model, (config.eval_samples, *data.event_shape), solver="pf_ode", seed=seed,
-                              device=data.test.device).samples
+    n = config.eval_samples
+    cond, labels = {}, None
+    if model.conditional:   # the conditional branch, which every label dropout trains: an even split over the classes
+        labels = torch.arange(n) * model.num_classes // n
+        cond = {"y": labels[slice(*distributed.shard(n))].to(data.test.device)}   # this rank's rows
+    samples = sample_on_ranks(sde, model, (n, *data.event_shape), solver="pf_ode", seed=seed,
+                              device=data.test.device, cond=cond).samples
     out.write_figure("samples.png", save_samples, samples.cpu(), f"EMA samples at step {step}",
-                     value_range=data.data_range, step=step)
+                     value_range=data.data_range, step=step, labels=labels, classes=data.classes)
     held_out = held_out_likelihood(sde, model, data, likelihood, seed, device=data.test.device)
     row["test_nll_nats"] = held_out.nll_nats
     row["test_bpd"] = held_out.bpd
@@ -319,6 +355,9 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     if config.loss == "ddpm" and not isinstance(sde, VPSDE) or config.loss == "ncsn" and not isinstance(sde, VESDE):
         raise TrainingError(f"task.loss={config.loss} needs {'sde=vp' if config.loss == 'ddpm' else 'sde=ve'} "
                             f"(its discrete chain), got {type(sde).__name__}; use task.loss=dsm.")
+    label_dropout = check_conditioning(config, model, data)
+    if model.conditional:
+        model.classes, model.label_dropout = tuple(data.classes), label_dropout
     out = RunOutput(out_dir, logger=logger)
     data = dataclasses.replace(data, test=data.test.to(device))   # the training split stays on the host: batch_loader
     spec = model_spec(model, {"name": data.name, "levels": data.levels,
@@ -370,7 +409,8 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
 
     def evaluation() -> dict[str, Any]:
-        scale = score_scale(ema.module, sde, data.test_points(256), seed, batch_size=config.batch_size)
+        scale = score_scale(ema.module, sde, data.test_points(256), seed, batch_size=config.batch_size,
+                            labels=_test_labels(data, model, 0, 256))
         if config.divergence_factor is not None and not scale <= config.divergence_factor:
             line = (f"the model's score exploded at step {step}: E‖s(x_t)‖² s(t)²/D = {scale:.3g}, where the true "
                     f"score's is at most 1 (task.divergence_factor {config.divergence_factor:g}); the weights before "
@@ -387,7 +427,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     guard = _DivergenceGuard(config.divergence_factor, device)
     stop_flag = torch.zeros((), dtype=torch.float64, device=device)   # filled each step: no host-to-device copy
     bar = out.start_progress(config.steps, step)
-    batches = iter(batch_loader(data, config.batch_size, rows, seed, step, config.steps, device))
+    batches = iter(batch_loader(data, config.batch_size, rows, seed, step, config.steps, device, label_dropout))
     eval_row: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -396,9 +436,12 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x0 = next(batches).to(device, non_blocking=True)   # this rank's rows of the step's batch
+                x0, labels = next(batches)   # this rank's rows of the step's batch (labels: conditional models)
+                x0 = x0.to(device, non_blocking=True)
+                if labels is not None:
+                    labels = labels.to(device, non_blocking=True)
                 loss = loss_fn(replica, sde, x0, generator=gen, rows=rows, batch_size=config.batch_size,
-                               **loss_options)
+                               labels=labels, **loss_options)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)   # (both the identity unless fp16)
@@ -460,6 +503,7 @@ def train(config: TrainConfig, model: ScoreModel, data: Dataset, out_dir: str | 
     metrics = {"task": "train", "steps": step, "sde": type(sde).__name__, "data": data.name,
                "model": spec["net"]["kind"], "loss": config.loss,
                "n_params": n_params,
+               **({"num_classes": model.num_classes, "label_dropout": label_dropout} if model.conditional else {}),
                **{k: v for k, v in eval_row.items() if k != "step"}}
     return out.metrics(metrics)
 

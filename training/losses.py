@@ -10,6 +10,11 @@ for all of it: the ranks of a data-parallel job each take their rows of one glob
 compute what one process computes on the whole batch (the mean of their losses is its loss, up to the
 order of the sums). With ``batch_size`` (the global batch) x0 holds only those rows, as the training
 loop's batches do (each rank prepares its own); without it x0 is the whole batch.
+
+``labels`` (B,) int64, the class of each row of x0 (``NULL_LABEL`` −1: a row trained unconditionally, what
+label dropout made of it), go to a class-conditional model as ``model(x, t, y=labels)``: the loss is then
+the conditional DSM of docs/math.md §5.5. They are taken like x0 (only this rank's rows with
+``batch_size``); None (the default) calls the model without labels.
 """
 from __future__ import annotations
 
@@ -49,6 +54,18 @@ def _rows(x0: Tensor, rows: slice, batch_size: int | None) -> Tensor:
     return x0
 
 
+def _cond(labels: Tensor | None, x0: Tensor, rows: slice, batch_size: int | None) -> dict:
+    """The model's conditioning inputs for this rank's rows: ``{"y": labels}``, or none without labels."""
+    if labels is None:
+        return {}
+    if batch_size is None:
+        labels = labels[rows]
+    if labels.shape != (x0.shape[0],):
+        raise TrainingError(f"labels must hold one label per row of x0, shape ({x0.shape[0]},), got "
+                            f"{tuple(labels.shape)}.")
+    return {"y": labels.to(x0.device)}
+
+
 def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
 
@@ -56,7 +73,7 @@ def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
 def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
              eps: float = 1e-5, weighting: Literal["s2", "likelihood"] = "s2", importance_sampling: bool = False,
              reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None),
-             batch_size: int | None = None) -> Tensor:
+             batch_size: int | None = None, labels: Tensor | None = None) -> Tensor:
     """Continuous denoising score matching, E_t λ(t) E ‖s_θ(α x0 + s z, t) + z/s‖², t ~ U(eps, T).
 
     ``weighting="s2"``: λ = s², i.e. ‖s s_θ + z‖² (the default). ``weighting="likelihood"``: λ = g²,
@@ -79,9 +96,10 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor, ge
         scale = None
     z = _randn_like(x0, generator, n)
     x0, t, z = _rows(x0, rows, batch_size), t[rows], z[rows]
+    cond = _cond(labels, x0, rows, batch_size)
     mean, std = sde.marginal_prob(x0, t)
     xt = mean + batch_broadcast(std, x0) * z
-    residual = batch_broadcast(std, x0) * model(xt, t) + z                  # s s_θ + z
+    residual = batch_broadcast(std, x0) * model(xt, t, **cond) + z          # s s_θ + z
     per_element = residual.pow(2)
     if weighting == "likelihood":
         weight = scale if importance_sampling else batch_broadcast(sde.diffusion_sq(t).to(x0.dtype) / std**2, x0)
@@ -101,7 +119,7 @@ def _chain_sample(sde: SDE, x0: Tensor, generator: torch.Generator | None, n: in
 
 def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
               reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None), batch_size: int | None = None,
-              **_) -> Tensor:
+              labels: Tensor | None = None, **_) -> Tensor:
     """DDPM's L_simple, E_{i, ε} ‖ε − ε_θ(√ᾱ_i x0 + √(1 − ᾱ_i) ε, t_i)‖², on VP's chain (t_i = chain_times()[i])."""
     if not isinstance(sde, VPSDE):
         raise TrainingError(f"the DDPM loss needs a VPSDE (DDPM's chain), got {type(sde).__name__}; use loss=dsm.")
@@ -109,13 +127,14 @@ def ddpm_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = N
     t, m = _chain_sample(sde, x0, generator, n)           # m_i = 1 − ᾱ_i
     noise = _randn_like(x0, generator, n)
     x0, t, m, noise = _rows(x0, rows, batch_size), t[rows], m[rows], noise[rows]
+    cond = _cond(labels, x0, rows, batch_size)
     xt = batch_broadcast((1 - m).sqrt(), x0) * x0 + batch_broadcast(m.sqrt(), x0) * noise
-    return _reduce((noise - model.eps(xt, t)).pow(2), reduction)
+    return _reduce((noise - model.eps(xt, t, **cond)).pow(2), reduction)
 
 
 def ncsn_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = None,
               reduction: Literal["mean", "sum"] = "mean", rows: slice = slice(None), batch_size: int | None = None,
-              **_) -> Tensor:
+              labels: Tensor | None = None, **_) -> Tensor:
     """NCSN's loss, E_i σ_i² E ‖s_θ(x0 + σ_i z, t_i) + z/σ_i‖², on VE's geometric σ chain (t_i = i/(N−1))."""
     if not isinstance(sde, VESDE):
         raise TrainingError(f"the NCSN loss needs a VESDE (NCSN's σ chain), got {type(sde).__name__}; use loss=dsm.")
@@ -123,8 +142,9 @@ def ncsn_loss(model, sde: SDE, x0: Tensor, generator: torch.Generator | None = N
     t, m = _chain_sample(sde, x0, generator, n)           # m_i = σ_i²
     z = _randn_like(x0, generator, n)
     x0, t, m, z = _rows(x0, rows, batch_size), t[rows], m[rows], z[rows]
+    cond = _cond(labels, x0, rows, batch_size)
     sigma = batch_broadcast(m.sqrt(), x0)
-    return _reduce((sigma * model(x0 + sigma * z, t) + z).pow(2), reduction)
+    return _reduce((sigma * model(x0 + sigma * z, t, **cond) + z).pow(2), reduction)
 
 
 LOSSES = {"dsm": dsm_loss, "ddpm": ddpm_loss, "ncsn": ncsn_loss}
