@@ -95,6 +95,13 @@ class CountedScore:
         self.record = record
         self.progress = progress
         self.visited: list[tuple[float, Tensor]] = []  # (t, x[:record]) at every call, when record > 0
+        #: ``constraint(x, t, noise) -> x``, applied by solvers that declare ``takes_constraint`` to their state after
+        #: every step, t (B,) being the time the step ended at (inpainting's replacement); None: left as stepped
+        self.constraint: Callable[[Tensor, Tensor, NoiseSource], Tensor] | None = None
+
+    def after_step(self, x: Tensor, t: Tensor, noise: NoiseSource) -> Tensor:
+        """The state a solver continues from after a step that ended at time t: ``constraint``'s, else x itself."""
+        return x if self.constraint is None else self.constraint(x, t, noise)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -156,6 +163,8 @@ class Solver:
     label: ClassVar[str] = ""
     #: whether ``run`` draws no noise after the prior draw (the samples are a function of z)
     deterministic: ClassVar[bool] = False
+    #: whether ``run`` passes its state through ``score.after_step`` after every step (``solvers.inpaint``'s replace)
+    takes_constraint: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Options:
@@ -229,7 +238,9 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
            eps: float | None = None, z: Tensor | None = None, seed: int | None = None,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
            index_offset: int = 0, trajectory: int = 0, progress: bool = False, sigma_data: float | None = None,
-           cond: dict[str, Any] | None = None, **options: Any) -> SampleResult:
+           cond: dict[str, Any] | None = None, guidance_scale: float | None = None, classifier: Callable | None = None,
+           classifier_scale: float | None = None, dynamic_threshold: float | None = None,
+           **options: Any) -> SampleResult:
     """Draw samples by running ``solver`` from the prior at t = T down to t = eps.
 
     Args:
@@ -253,6 +264,13 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
             use; None: the model's own ``sigma_data`` attribute when it declares one (``ScoreModel``,
             ``MixtureScore``), else 1.0 (``DEFAULT_SIGMA_DATA``).
         cond: conditioning inputs passed to every call as ``score_fn(x, t, **cond)``; None: none.
+            ``cond["y"]``: class labels, an int or (B,) int64 in [0, K), −1 for an unconditional row.
+        guidance_scale: w of classifier-free guidance, s + w (s(·, y) − s); None: 1 (the conditional model)
+            without a classifier, 0 with one. Needs ``cond["y"]``. See ``solvers.guidance``.
+        classifier: ``clf(x, t) -> logits (B, K)``, a noise-conditional classifier whose
+            γ ∇ₓ log softmax(clf)_y is added to the score (classifier guidance); None: none.
+        classifier_scale: γ (default 1).
+        dynamic_threshold: quantile p ∈ (0, 1) of |x̂₀| for dynamic thresholding of data in [−1, 1]; None: off.
         **options: the solver's options (``solvers.get_solver(name).Options`` lists them).
 
     Returns:
@@ -274,6 +292,16 @@ def sample(sde: SDE, score_fn: ScoreFn, shape=None, solver: str = "pf_ode", step
     shape = tuple(shape)
     if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
         raise SolverError(f"shape must be (B, ...) with positive integer sizes, e.g. (1000, 2); got {shape}.")
+    if cond is not None and not isinstance(cond, dict):
+        raise SolverError(f"cond must be a dict of conditioning inputs by name, got {type(cond).__name__}.")
+    guided = (cond or {}).get("y") is not None or any(
+        v is not None for v in (guidance_scale, classifier, classifier_scale, dynamic_threshold))
+    if guided:   # checked here, before any draw or model call
+        from solvers.guidance import GuidedScore
+        model = GuidedScore(score_fn, sde, cond or {}, shape[0], guidance_scale=guidance_scale,
+                            classifier=classifier, classifier_scale=classifier_scale,
+                            dynamic_threshold=dynamic_threshold)
+        sigma_data, score_fn, cond = resolve_sigma_data(score_fn, sigma_data), model, None
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     noise = NoiseSource(seed, index_offset)

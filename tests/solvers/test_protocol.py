@@ -120,5 +120,8 @@ def test_an_unconditional_model_refuses_conditioning_but_takes_the_null_branch()
     assert torch.equal(model(x, t, y=None), model(x, t))
     with pytest.raises(ModelError, match="unconditional and takes no conditioning inputs"):
         model(x, t, y=torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ModelError, match="unconditional"):
-        MixtureScore(sde, ring_mixture())(x, t, y=torch.zeros(4, dtype=torch.long))
+    # the exact mixture is class-conditional (class = component) and takes only y
+    exact = MixtureScore(sde, ring_mixture())
+    assert exact.conditional and exact.num_classes == 8
+    with pytest.raises(ModelError, match="takes only the class label y"):
+        exact(x, t, text=torch.zeros(4))
