@@ -10,11 +10,14 @@ Public API::
     evaluation.save_samples(...), save_trajectories(...)
     evaluation.RunOutput(run_dir, logger="csv")         # the one writer of a run's files (LOGGERS: csv, tensorboard)
     evaluation.sample_on_ranks(...), log_likelihood_on_ranks(...)   # split across torchrun's ranks, gathered
+    evaluation.load_digits_classifier(), class_accuracy(clf, samples, labels), frechet_distance(clf, x, ref)
 """
 from collections.abc import Mapping
 from typing import Any
 
 from data_lib import Dataset, load_dataset
+from evaluation.classifier import (class_accuracy, frechet_distance, gaussian_frechet_distance,
+                                   load_digits_classifier)
 from evaluation.likelihood import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, LikelihoodConfig, data_log_likelihood,
                                    exact_nll, held_out_likelihood, scored_points)
 from evaluation.outputs import LOGGERS, RunDirError, RunOutput, claim_run_dir, release_run_dir
@@ -25,7 +28,8 @@ from evaluation.ranks import log_likelihood_on_ranks, sample_on_ranks
 __all__ = ["load_data", "LikelihoodConfig", "HeldOutLikelihood", "held_out_likelihood", "data_log_likelihood",
            "scored_points", "exact_nll", "EXACT_DIVERGENCE_MAX_DIM", "sample_quality", "sliced_wasserstein",
            "save_samples", "save_trajectories", "RunOutput", "LOGGERS", "RunDirError", "claim_run_dir",
-           "release_run_dir", "sample_on_ranks", "log_likelihood_on_ranks"]
+           "release_run_dir", "sample_on_ranks", "log_likelihood_on_ranks",
+           "load_digits_classifier", "class_accuracy", "frechet_distance", "gaussian_frechet_distance"]
 
 
 def load_data(options: Mapping[str, Any], seed: int) -> Dataset:
