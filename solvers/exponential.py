@@ -192,6 +192,7 @@ class Multistep(Solver):
     name = "multistep"
     label = "PF-ODE, multistep exponential integrator (order 4 + corrector)"
     deterministic = True
+    takes_constraint = True   # the predicted state is passed through score.after_step before the model sees it
     Options = _MultistepOptions
     default_step_count = 20
 
@@ -211,7 +212,8 @@ class Multistep(Solver):
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
         for i, order in enumerate(orders):
-            x_pred = state.step(x, ts[i], ts[i + 1], nodes[:order], values[:order])
+            x_pred = score.after_step(state.step(x, ts[i], ts[i + 1], nodes[:order], values[:order]),
+                                      ts[i + 1] * state.ones, noise)
             if i == n - 1:
                 return x_pred
             value, node = state.evaluate(x_pred, ts[i + 1])
@@ -273,6 +275,7 @@ class Heun(Multistep):
             x_euler = state.step(x, ts[i], ts[i + 1], [node], [d])
             d_next, node_next = state.evaluate(x_euler, ts[i + 1])     # 2nd-order correction: the trapezoid
             x = state.step(x, ts[i], ts[i + 1], [node, node_next], [d, d_next])
+            x = score.after_step(x, ts[i + 1] * state.ones, noise)
         return x
 
 
@@ -346,7 +349,7 @@ class AdaptiveMultistep(Multistep):
             if not math.isfinite(err):
                 raise NonFiniteError("multistep_adaptive met NaN or inf in the score's output.")
             if err <= 1.0:
-                x, t, lam = x_corr, t_next, lam_next
+                x, t, lam = score.after_step(x_corr, t_next * state.ones, noise), t_next, lam_next
                 nodes, values = state.remember(nodes, values, node_new, value_new)
             h *= min(2.0, max(0.2, 0.9 * max(err, 1e-10) ** (-1.0 / (order + 1))))
         return x

@@ -183,6 +183,7 @@ class _ReverseTime(Solver):
 
     predictor: str = "none"
     corrector: str = "none"
+    takes_constraint = True
 
     def _parts(self) -> tuple[Callable, Callable]:
         opts = self.options
@@ -222,9 +223,12 @@ class _ReverseTime(Solver):
                 raise SolverError(f"solver '{self.name}' with steps={n}: {err}") from None
         x_mean = x
         for step in walk:
-            x, x_mean = corrector(chain_sde, score, x, step, noise, opts)
+            if corrector is not unchanged:
+                x, x_mean = corrector(chain_sde, score, x, step, noise, opts)
+                x = score.after_step(x, step.t, noise)
             if predictor is not unchanged:
                 x, x_mean = predictor(chain_sde, score, x, step, noise, opts)
+                x = score.after_step(x, step.t_next, noise)
         return x_mean if opts.denoise else x
 
 
