@@ -16,8 +16,10 @@ from core_lib import UserError, distributed
 from evaluation import claim_run_dir, load_data
 from models import build_score_model
 from tasks_lib.checks import check_config, check_device
+from tasks_lib.classifier import train_classifier_task
 from tasks_lib.compare import compare_task
 from tasks_lib.export import export_task
+from tasks_lib.inpaint import inpaint_task
 from tasks_lib.model_source import ResolvedModel, build_sde, overridden_keys, resolve_model
 from tasks_lib.report import summary
 from tasks_lib.sample import likelihood_config, likelihood_task, sample_task
@@ -42,14 +44,14 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
     model = build_score_model(build_sde(cfg.sde), cfg.model.kind, data.event_shape,
                               parameterization=cfg.model.parameterization, time_input=cfg.model.time_input,
-                              sigma_data=round(data.train_std(), 6), **net)
+                              sigma_data=round(data.train_std(), 6), num_classes=cfg.model.num_classes, **net)
     return train(config, model, data, run_dir, likelihood=likelihood, seed=cfg.seed, device=cfg.device,
                  record=OmegaConf.to_container(cfg, resolve=True), precision=cfg.precision, compile=cfg.compile,
                  logger=cfg.logger)
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task,
-         "export": export_task}
+         "export": export_task, "train_classifier": train_classifier_task, "inpaint": inpaint_task}
 
 
 def run_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from typing import Any, List, Optional
@@ -27,14 +28,17 @@ from omegaconf import MISSING
 
 import sde_lib
 import solvers
+from solvers.inpaint import METHODS as INPAINT_METHODS
 from core_lib import finite_positive, option_fields, require
 from data_lib import DATASETS
 from evaluation import LikelihoodConfig
 from models.checkpoint import EXPORT_FORMATS
-from models.networks import DERIVED_ARGS, NETWORKS
+from models.classifier import CLASSIFIERS
+from models.networks import DERIVED_ARGS, EMBEDDINGS, NETWORKS
 from training.config import TrainConfig
 
-__all__ = ["Config", "LikelihoodConfig", "SampleTask", "LikelihoodTask", "CompareTask", "ExportTask",
+__all__ = ["Config", "LikelihoodConfig", "GuidanceConfig", "SampleTask", "LikelihoodTask", "CompareTask", "ExportTask", "TrainClassifierTask",
+           "InpaintTask",
            "register_configs",
            "TASK_SCHEMAS", "model_schema"]
 
@@ -64,6 +68,42 @@ class LikelihoodTask:
 
 
 @dataclasses.dataclass
+class GuidanceConfig:
+    """``guidance.*``: class-conditional sampling and guidance for ``task=sample`` and ``task=compare``
+    (``solvers.sample(cond={"y": y}, guidance_scale=, classifier=, classifier_scale=, dynamic_threshold=)``).
+
+    The guided score is s(x, t) + w (s(x, t, y) − s(x, t)) + γ ∇ₓ log p_t(y | x) (docs/math.md §10).
+    """
+
+    y: Optional[int] = None             # the class every sample is drawn for, 0..K-1; null: none, or with scale or
+                                        # classifier set an even split of the samples over all K classes
+    scale: Optional[float] = None       # w, classifier-free guidance (a conditional model); null: 1 (the conditional
+                                        # model), or 0 with a classifier
+    classifier: Optional[str] = None    # a noise-conditional classifier (.pt of task=train_classifier) for classifier
+                                        # guidance; null: none
+    classifier_scale: float = 1.0       # γ, the weight of the classifier's ∇ log p_t(y | x)
+    threshold: Optional[float] = None   # dynamic thresholding of x̂₀ (images in [-1, 1]): the quantile p of |x̂₀|,
+                                        # e.g. 0.995 (the 99.5th percentile); null: off
+
+    def validate(self) -> None:
+        """The settings on their own (what fits the model is checked when it is loaded, ``resolve_guidance``)."""
+        require(self.y is None or self.y >= 0, "guidance.y", self.y, "must be a class label 0..K-1 or null")
+        require(self.scale is None or math.isfinite(self.scale), "guidance.scale", self.scale,
+                "must be a finite number or null")
+        require(math.isfinite(self.classifier_scale), "guidance.classifier_scale", self.classifier_scale,
+                "must be a finite number")
+        require(self.classifier is not None or self.classifier_scale == 1.0, "guidance.classifier_scale",
+                self.classifier_scale, "weighs a classifier's gradient: give guidance.classifier=PATH too")
+        require(self.threshold is None or 0 < self.threshold < 1, "guidance.threshold", self.threshold,
+                "must be a quantile in (0, 1), e.g. 0.995, or null")
+
+    @property
+    def active(self) -> bool:
+        """Whether any setting differs from plain unconditional sampling."""
+        return any(v is not None for v in (self.y, self.scale, self.classifier, self.threshold))
+
+
+@dataclasses.dataclass
 class CompareTask:
     """``task=compare``: several samplers at several NFE budgets from the same noise, in one table."""
 
@@ -74,11 +114,15 @@ class CompareTask:
     n_samples: int = 2000       # samples per sampler and budget, all from the same prior noise
     eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
     reference_rtol: float = 1e-7  # tolerance of the dopri5 PF-ODE solution the ODE samplers are measured against
+    guidance_scales: List[float] = dataclasses.field(default_factory=list)  # a sweep of guidance.scale (w), one row
+                                  # per sampler x budget x scale; []: guidance.scale alone
 
     def validate(self) -> None:
         require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
         require(len(self.budgets) > 0 and all(b >= 1 for b in self.budgets), "task.budgets", list(self.budgets),
                 "must be positive NFE counts")
+        require(all(math.isfinite(w) for w in self.guidance_scales), "task.guidance_scales",
+                list(self.guidance_scales), "must be finite numbers (classifier-free guidance scales w)")
         require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
                 "must be null or in (0, T = 1)")
         require(finite_positive(self.reference_rtol), "task.reference_rtol", self.reference_rtol,
@@ -97,8 +141,77 @@ class ExportTask:
                 f"must be one of {', '.join(EXPORT_FORMATS)}")
 
 
+@dataclasses.dataclass
+class TrainClassifierTask:
+    """``task=train_classifier``: a noise-conditional classifier p(y | x_t, t) of the data's labels, for classifier
+    guidance (docs/guidance.md). Its SDE (``sde``) and time input (``model.time_input``) are the score model's;
+    its network is set here."""
+
+    name: str = "train_classifier"
+    net: Optional[str] = None   # mlp or conv; null: conv for images (C, H, W), mlp for other data
+    hidden: Optional[int] = None  # mlp: residual width (null: 128); conv: channels of the first level (null: 32)
+    depth: int = 2              # mlp: residual blocks; conv: levels (channels hidden x 1, 2, 4, ...)
+    embedding: str = "fourier"  # time embedding: fourier or sinusoidal
+    steps: int = 2000           # optimisation steps
+    batch_size: int = 512       # training pairs (x_t, y) per step
+    lr: float = 2e-3            # Adam learning rate: linear warmup over 100 steps, then cosine decay to 0
+    ema_decay: float = 0.999    # EMA of the weights; the saved classifier is the average
+    eps: float = 1e-5           # smallest t: t ~ U(eps, T), as the score training draws it
+    # held-out accuracy at these t
+    eval_times: List[float] = dataclasses.field(default_factory=lambda: [1e-5, 0.1, 0.3, 0.5, 0.9])
+    log_every: int = 100        # rows of train_log.csv
+
+    def validate(self) -> None:
+        require(self.net is None or self.net in CLASSIFIERS, "task.net", self.net,
+                f"must be null or one of {', '.join(CLASSIFIERS)}")
+        require(self.embedding in EMBEDDINGS, "task.embedding", self.embedding,
+                f"must be one of {', '.join(EMBEDDINGS)}")
+        require(self.hidden is None or self.hidden >= 1, "task.hidden", self.hidden,
+                "must be null or a positive integer")
+        for key in ("depth", "steps", "batch_size", "log_every"):
+            require(getattr(self, key) >= 1, f"task.{key}", getattr(self, key), "must be a positive integer")
+        for key in ("lr", "eps"):
+            require(finite_positive(getattr(self, key)), f"task.{key}", getattr(self, key),
+                    "must be a finite positive number")
+        require(self.eps < 1, "task.eps", self.eps, "must be below T = 1")
+        require(0 <= self.ema_decay < 1, "task.ema_decay", self.ema_decay, "must be in [0, 1)")
+        require(len(self.eval_times) > 0 and all(0 <= t <= 1 for t in self.eval_times), "task.eval_times",
+                list(self.eval_times), "must be times in [0, T = 1]")
+
+
+@dataclasses.dataclass
+class InpaintTask:
+    """``task=inpaint``: fill in masked entries of held-out test points (``solvers.inpaint``, docs/inpainting.md);
+    what to hide and how to fill it in are ``inpaint.*`` (:class:`InpaintConfig`)."""
+
+    name: str = "inpaint"
+    n_samples: int = 64         # held-out test points to complete (a seeded choice)
+    steps: Optional[int] = None  # steps of the reverse chain; null: 100 for smc, the solver's default for replace
+    eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
+
+    def validate(self) -> None:
+        require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
+        require(self.steps is None or self.steps >= 1, "task.steps", self.steps, "must be null or a positive integer")
+        require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
+                "must be null or in (0, T = 1)")
+
+
+@dataclasses.dataclass
+class InpaintConfig:
+    """``inpaint.*``: the mask and the method of ``task=inpaint`` (``python run.py task=inpaint inpaint.mask=center``)."""
+
+    mask: str = "left_half"     # left_half, center, random:p (each entry unknown with probability p) or a .npy/.png FILE (1/white = known)
+    method: str = "smc"         # smc (twisted SMC, asymptotically exact) or replace (score_sde's, with solver=)
+    particles: int = 16         # method=smc: particles per completion (each step evaluates them all in one batch)
+
+    def validate(self) -> None:
+        require(self.method in INPAINT_METHODS, "inpaint.method", self.method,
+                f"must be one of {', '.join(INPAINT_METHODS)}")
+        require(self.particles >= 1, "inpaint.particles", self.particles, "must be a positive integer")
+
+
 TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig,
-                "export": ExportTask}
+                "export": ExportTask, "train_classifier": TrainClassifierTask, "inpaint": InpaintTask}
 
 
 @dataclasses.dataclass
@@ -118,6 +231,8 @@ class Config:
     compile: bool = False       # run the network through torch.compile (needs a C++ compiler on CPU)
     logger: str = "csv"         # task=train's logs: csv (train_log.csv, eval_log.csv) or tensorboard (also tensorboard/)
     likelihood: LikelihoodConfig = dataclasses.field(default_factory=LikelihoodConfig)
+    inpaint: InpaintConfig = dataclasses.field(default_factory=InpaintConfig)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
 
 
 def _omegaconf_type(annotation: Any) -> Any:
@@ -183,9 +298,11 @@ def data_schema(name: str) -> type:
 
 
 def model_schema(kind: str) -> type:
-    net = _schema(f"{kind}_net", _signature_fields(NETWORKS[kind].__init__, DERIVED_ARGS[kind]))
+    """``model/<kind>``: kind, parameterisation, time input, ``num_classes`` (K > 0: class-conditional, checked
+    against the data's classes by ``task=train``) and ``net``, the network's own constructor arguments."""
+    net = _schema(f"{kind}_net", _signature_fields(NETWORKS[kind].__init__, (*DERIVED_ARGS[kind], "num_classes")))
     return _schema(f"{kind}_model", [("kind", str, kind), ("parameterization", str, "x0"),
-                                     ("time_input", str, "log_snr"),
+                                     ("time_input", str, "log_snr"), ("num_classes", int, 0),
                                      ("net", net, dataclasses.field(default_factory=net))])
 
 

@@ -44,10 +44,10 @@ def test_solver_configs_are_the_registry():
         assert OmegaConf.to_container(cfg.options) == defaults
 
 
-def test_task_group_has_train_sample_likelihood_compare_export():
-    assert sorted(p.stem for p in (CONF / "task").glob("*.yaml")) == ["compare", "export", "likelihood", "sample",
-                                                                      "train"]
-    for name in ("compare", "export", "likelihood", "sample", "train"):
+def test_task_group_has_every_task():
+    names = ["compare", "export", "inpaint", "likelihood", "sample", "train", "train_classifier"]
+    assert sorted(p.stem for p in (CONF / "task").glob("*.yaml")) == names
+    for name in names:
         assert compose(f"task={name}").task.name == name
 
 
@@ -88,8 +88,8 @@ def test_pretrained_models_ship_for_every_sde_on_the_ring():
         model = resolve_model(compose(f"sde={sde}"), set(), torch.device("cpu"))
         assert model.source == "pretrained" and model.data.name == "ring"
         assert type(model.sde).__name__ == {"vp": "VPSDE", "subvp": "subVPSDE", "ve": "VESDE"}[sde]
-    assert sorted(p.name for p in PRETRAINED_DIR.glob("*.pt")) == ["digits_vp.pt", "ring_subvp.pt", "ring_ve.pt",
-                                                                   "ring_vp.pt"]
+    assert sorted(p.name for p in PRETRAINED_DIR.glob("*.pt")) == ["digits_classifier.pt", "digits_vp.pt",
+                                                                   "ring_subvp.pt", "ring_ve.pt", "ring_vp.pt"]
 
 
 def test_a_pretrained_unet_ships_for_digits():
@@ -207,7 +207,7 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
     (["task.n_sampels=10"], "error: task.n_sampels: Key 'n_sampels' not in 'SampleTask'"),
     (["solver=pc", "solver.options.snr=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
     (["solver=ancestral", "solver.steps=10"], "error: solver 'ancestral' with steps=10"),
-    (["task=fit"], "error: task=fit: no such choice; available: compare, export, likelihood, sample, train."),
+    (["task=fit"], "error: task=fit: no such choice; available: compare, export, inpaint, likelihood, sample, train, train_classifier."),
     (["data=moons"], "error: no pretrained model for data=moons with sde=vp"),
     (["data=moons", "ckpt=exact"], "error: data=moons has no exact score"),
     (["ckpt=/nonexistent/last.pt"], "error: no checkpoint at /nonexistent/last.pt"),
