@@ -32,6 +32,22 @@ def summary(metrics: dict[str, Any]) -> str:
         if "mode_weight_error" in metrics:
             lines[-1] += (f"; mode weights off by at most {metrics['mode_weight_error']:.3f}, "
                           f"spread {metrics['mode_spread_ratio']:.3f}x the data's")
+        if "guidance" in metrics:
+            lines[-1] += f"; guidance: {metrics['guidance']}"
+        for key, what in (("label_accuracy", "share in the class asked for"), ("class_accuracy", "class accuracy"),
+                          ("frechet_distance", "Frechet distance")):
+            if key in metrics:
+                lines[-1] += f"; {what} {metrics[key]:.3f}"
+    if task == "inpaint":
+        cost = f" ({metrics['particles']} particles)" if "particles" in metrics else ""
+        how = metrics["method"] + (f" ({metrics['solver']})" if metrics["solver"] != metrics["method"] else "")
+        lines.append(f"{how}: {metrics['n_samples']} completions of "
+                     f"{metrics['mask']}, {metrics['nfe']} NFE{cost}, {metrics['inpaint_seconds']:.2f} s; "
+                     f"RMSE to the hidden truth {metrics['rmse_unknown']:.4f}")
+        if "exact_tv" in metrics:
+            lines.append(f"against the exact conditional: mode weights off by {metrics['exact_tv']:.3f} in total "
+                         f"variation (Monte-Carlo floor {metrics['exact_tv_floor']:.3f}), spread "
+                         f"{metrics['exact_spread']:.3f}x")
     if "nll_nats" in metrics:
         line = (f"test NLL {metrics['nll_nats']:.4f} +- {metrics['nll_stderr_nats']:.4f} nats, "
                 f"{metrics['bpd']:.4f} bits/dim ({metrics['n_eval']} points, {metrics['likelihood_nfe']} NFE, "

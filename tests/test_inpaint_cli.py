@@ -37,6 +37,8 @@ def test_ring_with_the_exact_score_reports_the_exact_conditional_error(tmp_path)
     assert np.array_equal(arrays["completions"][known], arrays["inputs"][known])
     assert (arrays["masks"][:, 0] == 1).all() and (arrays["masks"][:, 1] == 0).all()   # left_half in 2-D
     assert (out / "inpaint.png").stat().st_size > 0
+    assert "smc: 200 completions of left_half, 50 NFE (8 particles)" in proc.stdout
+    assert f"mode weights off by {metrics['exact_tv']:.3f} in total variation" in proc.stdout
 
 
 @pytest.mark.slow
