@@ -3,8 +3,8 @@
 The known coordinates A are marked by a 0/1 ``mask`` (1 = known); the rest, B, are sampled. Two methods:
 
 - ``"smc"`` (the default): sequential Monte Carlo over the reverse chain, the twisted diffusion sampler
-  (Wu et al. 2023). K particles per conditional sample walk the chain's posterior kernel (DDPM's ancestral
-  step on a time grid), pushed towards the observation by the gradient of a twist p̃(y | x_t) built from the
+  (Wu et al. 2023). K particles per conditional sample walk the chain's kernel (the reverse SDE's
+  Euler–Maruyama step on a grid uniform in log-SNR by default, or DDPM's posterior step), pushed towards the observation by the gradient of a twist p̃(y | x_t) built from the
   model's own x̂₀(x_t) = (x_t + s² s_θ)/α, importance-weighted and resampled. The last step conditions
   exactly on the known entries, so the target is the discrete reverse chain conditioned on them: the
   result is exact as K → ∞ (for an exact score and a fine grid, exact altogether).
