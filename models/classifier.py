@@ -12,7 +12,6 @@ read it with its spec, weights and class names, checked on every read.
 from __future__ import annotations
 
 import math
-import operator
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import sde_lib
 from core_lib import atomic_write
 from models.checkpoint import CheckpointError, checksums
 from models.errors import ModelError
-from models.networks import (_Downsample, _group_norm, _MLPBlock, _positive_int, _ResBlock, _time_mlp, ScoreModel)
+from models.networks import (_Downsample, _group_norm, _MLPBlock, _positive_int, _ResBlock, _time_mlp, ScoreModel,
+                             checked_event_shape)
 from sde_lib import SDE
 
 Tensor = torch.Tensor
@@ -170,15 +170,7 @@ def build_classifier(kind: str, event_shape: tuple[int, ...], num_classes: int, 
     """
     if kind not in CLASSIFIERS:
         raise ModelError(f"unknown classifier kind {kind!r}; available: {', '.join(CLASSIFIERS)}.")
-    try:
-        shape = tuple(operator.index(n) for n in event_shape)
-    except TypeError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise ModelError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
-    clash = sorted(set(_DERIVED[kind]) & set(kwargs))
-    if clash:
-        raise ModelError(f"{', '.join(clash)} for a {kind} classifier come from event_shape; do not pass them.")
+    shape = checked_event_shape(event_shape, _DERIVED[kind], kwargs, f"a {kind} classifier")
     if kind == "mlp":
         net = MLPClassifier(math.prod(shape), num_classes, **kwargs)
     else:

@@ -649,6 +649,21 @@ NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLPScoreNet, "unet": UNet}
 DERIVED_ARGS: dict[str, tuple[str, ...]] = {"mlp": ("dim",), "unet": ("in_channels", "image_size")}
 
 
+def checked_event_shape(event_shape, derived: tuple[str, ...], kwargs: dict, what: str) -> tuple[int, ...]:
+    """``event_shape`` as a tuple of positive ints, checked, and none of the ``derived`` arguments (which come
+    from it) among ``kwargs``: the checks ``build_network`` and ``models.classifier.build_classifier`` share."""
+    try:
+        shape = tuple(operator.index(n) for n in event_shape)
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ModelError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
+    clash = sorted(set(derived) & set(kwargs))
+    if clash:
+        raise ModelError(f"{', '.join(clash)} for {what} come from event_shape; do not pass them.")
+    return shape
+
+
 def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Module:
     """Build a network for samples of shape ``event_shape``.
 
@@ -659,16 +674,7 @@ def build_network(kind: str, event_shape: tuple[int, ...], **kwargs) -> nn.Modul
     """
     if kind not in NETWORKS:
         raise ModelError(f"unknown network kind {kind!r}; available: {', '.join(NETWORKS)}.")
-    try:
-        shape = tuple(operator.index(n) for n in event_shape)
-    except TypeError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise ModelError(f"event_shape must be a non-empty tuple of positive integers, got {event_shape!r}.")
-    event_shape = shape
-    clash = sorted(set(DERIVED_ARGS[kind]) & set(kwargs))
-    if clash:
-        raise ModelError(f"{', '.join(clash)} for a {kind} network come from event_shape; do not pass them.")
+    event_shape = checked_event_shape(event_shape, DERIVED_ARGS[kind], kwargs, f"a {kind} network")
     if kind == "mlp":
         net = MLPScoreNet(math.prod(event_shape), **kwargs)
     else:

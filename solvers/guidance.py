@@ -126,11 +126,17 @@ class GuidedScore:
                           "task.label_dropout > 0 (e.g. 0.1) for classifier-free guidance.", GuidanceWarning,
                           stacklevel=3)
 
+    def _labels(self, x: Tensor) -> Tensor:
+        """The labels on x's device (moved once, not at every evaluation)."""
+        if self.y.device != x.device:
+            self.y = self.y.to(x.device)
+        return self.y
+
     def _model(self, x: Tensor, t: Tensor) -> Tensor:
         """s(x, t) + w (s(x, t, y) − s(x, t)): one call for w ∈ {0, 1}, else both branches."""
         if self.y is None or self.w == 0:
             return self.score_fn(x, t, **self.cond)
-        y = self.y.to(x.device)
+        y = self._labels(x)
         if self.w == 1:
             return self.score_fn(x, t, y=y, **self.cond)
         if self.batched:
@@ -143,7 +149,7 @@ class GuidedScore:
 
     def _classifier_grad(self, x: Tensor, t: Tensor) -> Tensor:
         """∇ₓ log p(y | x, t) from the classifier's logits; 0 on rows with the null label."""
-        y = self.y.to(x.device)
+        y = self._labels(x)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             logits = self.classifier(xg, t)

@@ -97,13 +97,15 @@ def component_log_density(data: Dataset, x: torch.Tensor) -> torch.Tensor:
     return joint - mixture.weights.log()
 
 
-def labelled_quality(samples: torch.Tensor, labels: torch.Tensor, data: Dataset, seed: int) -> dict[str, float]:
+def labelled_quality(samples: torch.Tensor, labels: torch.Tensor, data: Dataset, seed: int,
+                     floor: bool = True) -> dict[str, float]:
     """Quality of class-conditional samples (labels (n,): the class each was drawn for) against held-out data.
 
     ``swd``: sliced W1 between the samples and the held-out points of the same classes, m_k of each class k
     from both sides, m_k = min(samples of class k, held-out points of class k) (so the class proportions
     agree); ``swd_floor``: the same between as many training and held-out points of those classes (a
-    perfect sampler's score). For a Gaussian mixture, ``label_accuracy``: the share of samples whose most
+    perfect sampler's score; ``floor=False`` leaves it out, for a caller scoring many sets of the same labels).
+    For a Gaussian mixture, ``label_accuracy``: the share of samples whose most
     probable component under the exact p₀(k | x) is their label (below 1 for exact class-conditional draws
     only by the components' overlap: ``label_accuracy_exact``, the same share for the held-out points of
     those classes).
@@ -119,8 +121,9 @@ def labelled_quality(samples: torch.Tensor, labels: torch.Tensor, data: Dataset,
     if counts:
         matched_test = test[_class_rows(test_labels, counts)]
         out["swd"] = sliced_wasserstein(samples[_class_rows(labels, counts)], matched_test, seed=seed)
-        train = data.decode(data.train[_class_rows(data.train_labels, counts)])
-        out["swd_floor"] = sliced_wasserstein(train, matched_test, seed=seed)
+        if floor:
+            train = data.decode(data.train[_class_rows(data.train_labels, counts)])
+            out["swd_floor"] = sliced_wasserstein(train, matched_test, seed=seed)
     if data.mixture is not None:
         prior = data.mixture.weights.log()
         guess = (component_log_density(data, samples) + prior).argmax(1)
