@@ -252,6 +252,19 @@ def test_sampling_on_two_processes_gives_the_single_process_samples_bit_for_bit(
     assert not (tmp_path / "two" / ".hydra").exists() or (tmp_path / "two" / ".hydra" / "config.yaml").exists()
 
 
+def test_guided_sampling_on_two_processes_splits_the_labels_with_the_samples(tmp_path):
+    """Classifier-free guidance over an even split of the classes: each rank samples its rows with its rows' labels,
+    so the two-process samples are the single-process ones bit for bit."""
+    args = ["ckpt=exact", "guidance.scale=2", "solver=ddim", "solver.steps=20", "task.n_samples=64",
+            "task.likelihood=false", "task.trajectories=0"]
+    plain = _cli(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    two = _cli(*args, f"hydra.run.dir={tmp_path / 'two'}", nproc=2)
+    assert plain.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert np.array_equal(a["samples"], b["samples"])
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["label_accuracy"] == 1.0
+
+
 def test_a_likelihood_on_two_processes_gives_the_single_process_values(tmp_path):
     """Fixed-budget (multistep, Hutchinson probes indexed by point): bit for bit; dopri5 with per-point error
     control, whose steps depend on the block each rank solves: to its tolerance."""
