@@ -1,24 +1,26 @@
-"""The likelihood budget table: NFE → |error| of the fixed-budget multistep likelihood and of dopri5 (issue 14).
+"""The likelihood budget table: NFE → |error| of the fixed-budget multistep likelihood, its refinement, and dopri5 (issue 14).
 
-1. **Exact divergence.** On the exact ring and 16-D mixture (VP, sub-VP, VE; 1000 points) and on the three
-   shipped ring networks (200 points) (float64, eps = 1e-5 as in ``task=likelihood``), every method's
-   per-point log p is compared with a tight reference: dopri8 at rtol = atol = 1e-9 with the exact
-   divergence (on the exact problems it matches the closed form to 1e-10). Rows: ``method=multistep`` at
-   10–120 NFE, dopri5 at rtol = atol 1e-3, 1e-4, 1e-5 (the default); columns: mean, median, 90th
-   percentile and max of |error| in nats per point.
-2. **Hutchinson.** The standard error of log p against the probe count K and its cost: the K probes share
-   one forward pass per evaluation (one VJP each, vectorised), so K = 16 costs far less than 16 solves. On
-   the 16-D mixture (where the exact divergence is the reference, so the estimate's bias is measured too)
-   and on the shipped digits U-Net (``models/pretrained/digits_vp.pt``, or ``--digits PATH``; 64 dimensions,
-   float32, the first DIGITS_POINTS test points).
+1. **Budget, exact divergence** (``--only budget``). On the exact ring (VP, sub-VP, VE; 1000 points) and 16-D mixture
+   (VP, VE; EXACT_16D points) the reference is the closed form log p_eps(x) − log p_T(z) + prior_logp(z) at each
+   method's own latent z (it differs from dopri8 at 1e-9 by ~1e-10); on the three shipped ring networks
+   (``--only networks``, N_NETWORK points) it is dopri8 at rtol = atol = 1e-9. Rows: ``method=multistep`` at 20–120 NFE;
+   the same with ``refine`` (the points whose error estimate exceeds the threshold solved again at 4× the steps; the
+   NFE column is then the mean per point, the batched total in brackets); dopri5 at rtol = atol 1e-3, 1e-4, 1e-5.
+   Columns: mean, median, 90th percentile and max of |error| in nats per point.
+2. **Hutchinson** (``--only hutchinson``): the standard error of log p against its cost — probes K (VJPs per
+   evaluation), NFE, seconds — for plain Hutchinson (Rademacher), the Gaussian control variate
+   (``control_covariance``: the data's covariance) and Hutch++ (``sketch``), with the bias against the exact divergence
+   on the same path. On the 16-D mixture (VP) and the shipped digits U-Net (``models/pretrained/digits_vp.pt``, 64
+   dimensions, float32: in float64 the exact reference did not finish in 30 minutes).
 
-Writes benchmarks/results/likelihood.md (``--only hutchinson``: likelihood_hutchinson.md; ``--problems P``:
-likelihood_P.md). From the repository root::
+From the repository root::
 
-    python benchmarks/likelihood.py [--digits outputs/.../checkpoints/last.pt]
+    python benchmarks/likelihood.py                 # everything, into benchmarks/results/likelihood.md
+    python benchmarks/likelihood.py --only networks # one part, into benchmarks/results/likelihood_networks.md
+    python benchmarks/likelihood.py --merge         # the part files, concatenated into likelihood.md
 
-On 2 shared cores the exact problems took about 25 minutes and the networks 13. The digits rows run the U-Net in
-float32 (in float64 they did not finish in 30 minutes).
+One thread per part. Measured: 13–14 minutes per part with the three parts side by side on 2 cores shared with
+other jobs (load average ≈ 6), so each part had well under one core.
 """
 from __future__ import annotations
 
@@ -41,124 +43,144 @@ from models.checkpoint import load_checkpoint  # noqa: E402
 from sde_lib import SDES  # noqa: E402
 from tasks_lib.model_source import pretrained_path  # noqa: E402
 
-N_POINTS = 1000
-N_NETWORK = 200       # the networks' float64 reference (dopri8, ~2500 NFE of exact divergences) is the slow part
+N_RING = 1000
+EXACT_16D = 500       # 16 VJPs per evaluation: the slow exact problem
+N_NETWORK = 100       # the networks' float64 reference (dopri8, 2000–3000 NFE of exact divergences) is the slow part
 EPS = 1e-5
-MULTISTEP_STEPS = (9, 19, 29, 39, 59, 79, 119)      # NFE = steps + 1
+MULTISTEP_STEPS = (19, 29, 39, 59, 79, 119)      # NFE = steps + 1
+REFINED = ((35, 0.3), (71, 0.03))                # (steps, refine): per-point NFE at or below 40 and 80
 DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
-PROBES = (1, 4, 16)
-DIGITS_POINTS = 100
+HUTCH_16D_POINTS, HUTCH_STEPS = 300, 39
+DIGITS_POINTS, DIGITS_STEPS = 20, 19
+PARTS = ("budget", "networks", "hutchinson")
 OUT = ROOT / "benchmarks" / "results" / "likelihood.md"
 
 
-def problems():
-    """(label, sde, score_fn, points): the exact mixtures under each SDE, then the shipped networks."""
-    for label, mixture, sde_names in (("ring", ring_mixture(), ("vp", "subvp", "ve")),
-                                      ("16-D", random_mixture(), ("vp", "ve"))):
-        x, _ = mixture.sample(N_POINTS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+def exact_problems():
+    """(label, sde, score, points, reference(result) -> (B,) log p) for the exact mixtures."""
+    for label, mixture, n, sde_names in (("ring", ring_mixture(), N_RING, ("vp", "subvp", "ve")),
+                                         ("16-D", random_mixture(), EXACT_16D, ("vp", "ve"))):
+        x, _ = mixture.sample(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         for name in sde_names:
             sde = SDES[name]()
-            yield f"{label}, exact, {name}", sde, MixtureScore(sde, mixture), x
+            score = MixtureScore(sde, mixture)
+
+            def reference(r, sde=sde, score=score, x=x):
+                eps, T = torch.full((len(x),), EPS, dtype=x.dtype), torch.full((len(x),), sde.T, dtype=x.dtype)
+                return score.log_prob(x, eps) - score.log_prob(r.z, T) + sde.prior_logp(r.z)
+            yield f"{label}, exact, {name}: {n} points (reference: the closed form)", sde, score, x, reference
+
+
+def networks():
     x, _ = ring_mixture().sample(N_NETWORK, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for name in ("vp", "subvp", "ve"):
         model = load_checkpoint(pretrained_path("ring", name))
-        yield f"ring_{name}.pt", model.sde, model.score_fn.double(), x
+        score = model.score_fn.double()
+        ref = solvers.log_likelihood(model.sde, score, x, eps=EPS, method="dopri8", rtol=1e-9, atol=1e-9)
+        yield (f"ring_{name}.pt: {N_NETWORK} points (reference: dopri8 1e-9, {ref.nfe} NFE)", model.sde, score, x,
+               lambda r, logp=ref.logp: logp)
 
 
-def error_row(label: str, nfe: int, seconds: float, logp: torch.Tensor, reference: torch.Tensor) -> str:
-    e = (logp - reference).abs()
-    q = torch.quantile(e, torch.tensor([0.5, 0.9], dtype=e.dtype))
-    return (f"| {label} | {nfe} | {seconds:.2f} | {e.mean():.1e} | {q[0]:.1e} | {q[1]:.1e} | {e.max():.1e} |")
+def error_row(label: str, nfe: str, seconds: float, error: torch.Tensor) -> str:
+    q = torch.quantile(error, torch.tensor([0.5, 0.9], dtype=error.dtype))
+    return f"| {label} | {nfe} | {seconds:.2f} | {error.mean():.1e} | {q[0]:.1e} | {q[1]:.1e} | {error.max():.1e} |"
 
 
-def budget_table(lines: list[str], only: str | None = None) -> None:
-    lines += ["## 1. Budget → |error| (nats per point), exact divergence", ""]
-    for label, sde, score, x in problems():
+def budget_table(lines: list[str], items, only: str | None) -> None:
+    for label, sde, score, x, reference in items:
         if only is not None and not label.startswith(only):
             continue
-        reference = solvers.log_likelihood(sde, score, x, eps=EPS, method="dopri8", rtol=1e-9, atol=1e-9)
-        lines += [f"### {label}: {len(x)} points (reference: dopri8 1e-9, {reference.nfe} NFE)", "",
-                  "| method | NFE | seconds | mean | median | 90 % | max |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {label}", "", "| method | NFE | seconds | mean | median | 90 % | max |",
+                  "|---|---|---|---|---|---|---|"]
+        start = len(lines)
         for steps in MULTISTEP_STEPS:
             r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps)
-            lines.append(error_row("multistep", r.nfe, r.seconds, r.logp, reference.logp))
+            lines.append(error_row("multistep", str(r.nfe), r.seconds, (r.logp - reference(r)).abs()))
+        for steps, refine in REFINED:
+            r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps, refine=refine)
+            flagged = int((r.nfe_per_point > steps + 1).sum())
+            nfe = f"{r.nfe_per_point.double().mean():.1f} ({r.nfe})"
+            lines.append(error_row(f"multistep {steps + 1}, refine {refine:g} ({flagged} re-solved)", nfe, r.seconds,
+                                   (r.logp - reference(r)).abs()))
         for tol in DOPRI5_TOLERANCES:
             r = solvers.log_likelihood(sde, score, x, eps=EPS, rtol=tol, atol=tol)
-            lines.append(error_row(f"dopri5 {tol:g}", r.nfe, r.seconds, r.logp, reference.logp))
+            lines.append(error_row(f"dopri5 {tol:g}", str(r.nfe), r.seconds, (r.logp - reference(r)).abs()))
         lines.append("")
-        print("\n".join(lines[-len(MULTISTEP_STEPS) - len(DOPRI5_TOLERANCES) - 5:]), flush=True)
+        print("\n".join(lines[start - 3:]), flush=True)
 
 
-def hutchinson_rows(lines: list[str], label: str, sde, score, x, exact: torch.Tensor | None, steps: int) -> None:
-    """Standard error and cost against K at one multistep budget; bias against the exact divergence when known."""
-    lines += [f"### {label}, multistep {steps + 1} NFE", "",
-              "| probes K | seconds | mean standard error (nats) | × 1/√K scaling | mean (estimate − exact) ± its s.e. |",
-              "|---|---|---|---|---|"]
-    base = None
-    for k in PROBES:
+def hutchinson_rows(lines: list[str], label: str, sde, score, x, steps: int, covariance: torch.Tensor) -> None:
+    """Standard error, its cost and the bias against the exact divergence on the same path, per estimator."""
+    exact = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps)
+    lines += [f"### {label}: {len(x)} points, multistep {steps + 1} NFE, {x.dtype}", "",
+              f"Exact divergence on the same path: {exact.seconds:.1f} s ({x[0].numel()} VJPs per evaluation).", "",
+              "| estimator | VJPs per evaluation | seconds | mean s.e. (nats) | RMS (estimate − exact) | "
+              "s.e.·√seconds | mean (estimate − exact) ± its s.e. |", "|---|---|---|---|---|---|---|"]
+    start = len(lines)
+    for name, options in (("Hutchinson K = 4", {"probes": 4}),
+                          ("Hutchinson K = 16", {"probes": 16}),
+                          ("control variate K = 4", {"probes": 4, "control_covariance": covariance}),
+                          ("control variate K = 16", {"probes": 16, "control_covariance": covariance}),
+                          ("Hutch++ m = 5, K = 6", {"probes": 6, "sketch": 5})):
         r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps, divergence="hutchinson",
-                                   probes=k, seed=1)
-        # K = 1 has no spread of its own: its standard error is the spread over points of (estimate − exact) when
-        # the exact divergence is known, else the K = 4 run's per-probe spread
-        per_probe = r.logp_probes.std(0) if k > 1 else None
-        stderr = (per_probe / math.sqrt(k)).mean().item() if per_probe is not None else float("nan")
-        if base is None and per_probe is not None:
-            base = per_probe.mean().item()
-        bias = ""
-        if exact is not None:
-            d = (r.logp - exact).double()
-            bias = f"{d.mean():+.1e} ± {d.std() / math.sqrt(len(d)):.1e}"
-            if k == 1:
-                stderr = d.std().item()
-        scaling = f"{stderr * math.sqrt(k):.3g}" if math.isfinite(stderr) else ""
-        lines.append(f"| {k} | {r.seconds:.2f} | {stderr:.3g} | {scaling} | {bias} |")
+                                   seed=1, **options)
+        d = (r.logp - exact.logp).double()
+        stderr = r.logp_stderr.double().mean().item()
+        vjps = options["probes"] + 2 * options.get("sketch", 0)
+        lines.append(f"| {name} | {vjps} | {r.seconds:.1f} | {stderr:.3g} | {d.pow(2).mean().sqrt():.3g} | "
+                     f"{stderr * math.sqrt(r.seconds):.3g} | {d.mean():+.2e} ± {d.std() / math.sqrt(len(d)):.1e} |")
     lines.append("")
-    print("\n".join(lines[-len(PROBES) - 4:]), flush=True)
+    print("\n".join(lines[start - 4:]), flush=True)
 
 
-def hutchinson_table(lines: list[str], digits: str | None) -> None:
-    lines += ["## 2. Hutchinson: standard error against probes and cost", "",
-              "The K probes are held fixed along the path and share each evaluation's forward pass. The "
-              "'× 1/√K' column is stderr·√K, the per-probe spread: constant when the probes are independent.", ""]
+def hutchinson_table(lines: list[str]) -> None:
     mixture = random_mixture()
-    x, _ = mixture.sample(N_POINTS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, _ = mixture.sample(HUTCH_16D_POINTS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    big, _ = mixture.sample(20_000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sde = SDES["vp"]()
-    score = MixtureScore(sde, mixture)
-    exact = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=79)
-    lines += [f"Exact divergence on the same path: {exact.seconds:.2f} s (16 VJPs per evaluation).", ""]
-    hutchinson_rows(lines, "16-D, exact, vp", sde, score, x, exact.logp, 79)
-    path = digits or pretrained_path("digits", "vp")
-    model = load_checkpoint(path)
+    hutchinson_rows(lines, "16-D, exact, vp", sde, MixtureScore(sde, mixture), x, HUTCH_STEPS, torch.cov(big.T))
+    model = load_checkpoint(pretrained_path("digits", "vp"))
     data = load_dataset("digits")
     points = scored_points(data, data.test[:DIGITS_POINTS].float(), seed=0)
-    levels = f"{data.levels} levels"
-    shown = path if digits else pathlib.Path(path).relative_to(ROOT)
-    lines += [f"Digits U-Net `{shown}` (the first {len(points)} test points, 64 dimensions, dequantised from "
-              f"{levels}; float32).", ""]
-    hutchinson_rows(lines, "digits", model.sde, model.score_fn, points, None, 79)
+    covariance = torch.cov(data.train.float().flatten(1).T)       # the training images' covariance
+    hutchinson_rows(lines, "digits_vp.pt (64-D U-Net, dequantised test points)", model.sde, model.score_fn, points,
+                    DIGITS_STEPS, covariance)
+
+
+def part_file(part: str) -> pathlib.Path:
+    return OUT.with_name(f"likelihood_{part}.md")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--digits",
-                        help="a digits checkpoint for the Hutchinson rows (default: the shipped digits_vp.pt)")
-    parser.add_argument("--only", choices=("budget", "hutchinson"), help="run one part")
-    parser.add_argument("--problems", help="budget table: only the problems whose label starts with this (e.g. ring_)")
+    parser.add_argument("--only", choices=PARTS, help="run one part, into likelihood_<part>.md")
+    parser.add_argument("--problems", help="budget: only the problems whose label starts with this (e.g. ring)")
+    parser.add_argument("--merge", action="store_true", help="concatenate the part files into likelihood.md")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
+    if args.merge:
+        text = [part_file(p).read_text() for p in PARTS]
+        OUT.write_text(f"# Likelihood: fixed budget against accuracy\n\n"
+                       f"`python benchmarks/likelihood.py --only <part>` for each part, then `--merge`.\n\n" +
+                       "\n".join(text))
+        print(f"wrote {OUT.relative_to(ROOT)}")
+        return
     start = time.perf_counter()
-    lines = ["# Likelihood: fixed budget against accuracy", "",
-             f"`python benchmarks/likelihood.py{' --digits ' + args.digits if args.digits else ''}` "
-             f"on {datetime.date.today()}, 2 CPU cores, float64, {N_POINTS} points, eps = {EPS:g}.", ""]
-    if args.only != "hutchinson":
-        budget_table(lines, args.problems)
-    if args.only != "budget":
-        hutchinson_table(lines, args.digits)
-    lines.append(f"Total {time.perf_counter() - start:.0f} s.")
-    out = OUT.with_name("likelihood_hutchinson.md") if args.only == "hutchinson" else OUT
-    if args.problems:
-        out = OUT.with_name(f"likelihood_{args.problems.strip('_ ,')}.md")
-    out.write_text("\n".join(lines) + "\n")
+    lines = []
+    for part in PARTS if args.only is None else (args.only,):
+        title = {"budget": "Budget → |error| (nats per point), exact divergence: exact problems",
+                 "networks": "Budget → |error| (nats per point), exact divergence: the shipped ring networks",
+                 "hutchinson": "Hutchinson: standard error against cost"}[part]
+        lines += [f"## {title}", "", f"{datetime.date.today()}, one thread, float64 unless said, eps = {EPS:g}.", ""]
+        if part == "budget":
+            budget_table(lines, exact_problems(), args.problems)
+        elif part == "networks":
+            budget_table(lines, networks(), args.problems)
+        else:
+            hutchinson_table(lines)
+    lines.append(f"Total {time.perf_counter() - start:.0f} s.\n")
+    out = OUT if args.only is None else part_file(args.only)
+    out.write_text("\n".join(lines))
     print(f"wrote {out.relative_to(ROOT)}")
 
 
