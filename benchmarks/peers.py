@@ -14,25 +14,46 @@ Problems: the 2-D ring of 8 Gaussians and the 16-D mixture (exact scores), each 
 σ 80 → 0.002 and over the VP SDE's span σ(1) ≈ 152 → σ(1e-3) ≈ 0.0105; the shipped networks
 ``models/pretrained/ring_{vp,subvp,ve}.pt`` over their SDE's span (float64); and the shipped digits U-Net
 ``digits_vp.pt`` (float32, 64 samples, its flow to rtol 1e-6, against the peer settings that won a cell of
-the problems before it: a float64 sweep of every setting would take hours on 2 cores).
+the problems before it: a float64 sweep of every setting would take hours on 2 cores). Every sampler here
+calls a network with one time for the whole batch, so the ring networks evaluate their time embedding once
+per call and broadcast it (``_SharedTimeEmbedding``: equal to the per-sample evaluation to float64 rounding,
+a fifth to a third of a float64 evaluation saved on one core).
 
 The peers' sweep (~220 settings per cell) is ranked on the first 128 samples and its best 8 settings
-are run on all samples (``best_peer_screened``); the cells are written after every problem.
+are run on all samples (``best_peer_screened``; a problem with no more than 128 samples is ranked on all of
+them, and that ranking is the answer). peers.md gives each winner's place in its screening: the evidence
+for SCREEN and SHORTLIST. Each problem's exact flow is computed once and shared by its cells and its
+convergence slopes.
 
-Writes ``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every cell as data). From the
-repository root, with the peers installed (README, "Benchmarks")::
+The work is split into jobs (a problem's exact flow; one cell, i.e. one problem at one budget; a network's
+convergence slopes) and run by ``--workers`` processes at one thread each: the exact flows first, then
+problem by problem, the longest jobs first within each. A job's
+result depends only on its problem, budget, exact flow and peer settings, so the tables do not depend on
+the number of workers (tests/test_peer_samplers.py). The digits row waits for every other cell, whose
+winning settings it sweeps. peers.md ends with each problem's run time (the seconds of its jobs, summed
+over the workers) and the wall time of the whole run.
 
-    python benchmarks/peers.py                 # every problem
-    python benchmarks/peers.py ring_ve.pt      # problems whose name starts with the argument
+Writes ``peers.md``, ``peers.png`` and ``peers.json`` (every cell as data) to ``benchmarks/results/``,
+or to ``--out``; the tables are rewritten as each problem completes. From the repository root, with the
+peers installed (README, "Benchmarks")::
+
+    python benchmarks/peers.py                                   # every problem, 2 workers
+    python benchmarks/peers.py ring_ve.pt --out /tmp/peers       # problems whose name starts with the argument
+    python benchmarks/peers.py --workers 1                       # one process
 """
 from __future__ import annotations
 
+import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import pathlib
 import sys
 import time
+from typing import Callable
 
 import matplotlib
 
@@ -45,6 +66,7 @@ from benchmarks.peer_samplers import (PeerSetting, SigmaProblem, best_peer, peer
                                       reference_flow, rms_distance, scored_run)
 from models import MixtureScore, random_mixture, ring_mixture  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+from models.networks import MLPScoreNet  # noqa: E402
 from sde_lib import SDE, VESDE, VPSDE  # noqa: E402
 from solvers.base import resolve_sigma_data  # noqa: E402
 from solvers.grids import half_log_snr_at  # noqa: E402
@@ -61,6 +83,8 @@ SCREEN = 128
 SHORTLIST = 8
 #: the goal: our error at most half the best peer's in every cell
 GOAL = 0.5
+#: the steps at which the default's convergence on each shipped network is measured
+SLOPE_STEPS = (100, 200, 400, 800)
 
 
 @dataclasses.dataclass
@@ -88,6 +112,33 @@ class Posed:
         out = solvers.sample(self.sde, self.score, z=z, solver="multistep", steps=budget, eps=self.eps,
                              sigma_data=self.sigma_data, **options)
         return out.samples / self.alpha(self.eps), out.nfe
+
+
+class _SharedTimeEmbedding(torch.nn.Module):
+    """An ``MLPScoreNet``'s time embedding, evaluated once when the whole batch is at one time.
+
+    The network adds the embedding (and each block's projection of it) to every row, so a (1, hidden)
+    embedding broadcasts to the (B, hidden) one it stands for. Every sampler in this benchmark, ours and
+    the peers', and the exact flow call the network with one t for the batch; a batch with several times
+    is embedded row by row as before.
+    """
+
+    def __init__(self, embedding: torch.nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 1 and t.shape[0] > 1 and torch.equal(t, t[:1].expand_as(t)):
+            return self.embedding(t[:1])
+        return self.embedding(t)
+
+
+def share_time_embedding(score) -> None:
+    """Give ``score``'s network (an unconditional ``MLPScoreNet``) a ``_SharedTimeEmbedding``, in place."""
+    net = getattr(score, "net", None)
+    if isinstance(net, MLPScoreNet) and not net.conditional \
+            and not isinstance(net.time_embed, _SharedTimeEmbedding):
+        net.time_embed = _SharedTimeEmbedding(net.time_embed)
 
 
 def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
@@ -125,6 +176,7 @@ def problems() -> list[Posed]:
     for name in ("vp", "subvp", "ve"):
         model = load_checkpoint(pretrained_path("ring", name))
         score = model.score_fn.double()
+        share_time_embedding(score)
         out.append(pose(f"ring_{name}.pt", model.sde, score, model.sde.default_eps, N_NETWORK, (2,)))
     # The digits U-Net costs ~0.6 s per float64 evaluation of 128 samples on one core: it runs in float32
     # (its flow to rtol 1e-6, far below the errors measured) on fewer samples, against the winning peers.
@@ -134,20 +186,42 @@ def problems() -> list[Posed]:
     return out
 
 
+def small_problems(n_samples: int = 16) -> list[Posed]:
+    """The runner's test problems: the exact ring on ``n_samples`` samples over EDM's span, and over the VP span
+    against the settings that won the first (``winners_only``, as the digits U-Net); flows at rtol 1e-8."""
+    edm, vp = VESDE(sigma_min=0.001, sigma_max=80.0), VPSDE()
+    return [pose("ring, σ 80 → 0.002", edm, MixtureScore(edm, ring_mixture()), math.log(2) / math.log(80_000),
+                 n_samples, (2,), reference_rtol=1e-8),
+            pose("ring, VP span, winners only", vp, MixtureScore(vp, ring_mixture()), 1e-3, n_samples, (2,),
+                 reference_rtol=1e-8, winners_only=True)]
+
+
 def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, reference: torch.Tensor,
-                       settings: list[PeerSetting]):
+                       settings: list[PeerSetting], screen_rank: list[int] | None = None):
     """``best_peer`` over ``settings``, ranked first on ``sub``, the first SCREEN samples (a network in
-    float64 costs ~50 ms per evaluation of 1000 points, and the sweep has ~220 settings), then the best
+    float64 costs ~0.1 s per evaluation of 1000 points, and the sweep has ~220 settings), then the best
     SHORTLIST of them run on all samples. (error, setting, NFE) on all samples. ``sub`` is made once per
-    problem, so that dpm_adaptive's tolerance sweep, cached per problem object, runs once."""
+    problem, so that dpm_adaptive's tolerance sweep, cached per problem object, runs once. When ``sub``
+    holds every sample the ranking already is the answer, and nothing is run twice. ``screen_rank``, if a
+    list, receives the winner's place in the screening (1: first), the evidence for SCREEN and SHORTLIST."""
     ranked = []
     for setting in settings:
         try:
-            ranked.append((scored_run(setting, sub, budget, reference[:SCREEN])[0], setting))
+            error, nfe = scored_run(setting, sub, budget, reference[:SCREEN])
         except Exception:  # too small a budget for it, or a failure: best_peer below skips it the same way
             continue
-    shortlist = [s for _, s in sorted(ranked, key=lambda r: r[0])[:SHORTLIST]]
-    return best_peer(problem, budget, reference, settings=shortlist)
+        ranked.append((error, nfe, setting))
+    ranked.sort(key=lambda r: r[0])
+    if sub.x_start.shape[0] >= problem.x_start.shape[0]:
+        if not ranked:
+            raise RuntimeError(f"no peer setting ran within {budget} NFE")
+        error, nfe, setting = ranked[0]
+        best = error, setting, nfe
+    else:
+        best = best_peer(problem, budget, reference, settings=[s for _, _, s in ranked[:SHORTLIST]])
+    if screen_rank is not None:
+        screen_rank.append(1 + [s for _, _, s in ranked].index(best[1]))
+    return best
 
 
 def winning_settings(results: dict) -> list[PeerSetting]:
@@ -159,77 +233,291 @@ def winning_settings(results: dict) -> list[PeerSetting]:
     return chosen or peer_settings()
 
 
-def run(posed: Posed, results: dict) -> dict:
-    """Per budget: our error, the best peer's error, its setting, and the ratio."""
-    start = time.perf_counter()
-    reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
-    sub = dataclasses.replace(posed.problem, x_start=posed.problem.x_start[:SCREEN])
-    settings = winning_settings(results) if posed.winners_only else peer_settings()
-    rows = {}
-    for budget in BUDGETS:
-        ours, nfe = posed.ours(budget)
-        assert nfe == budget, (nfe, budget)
-        err = rms_distance(ours, reference)
-        peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference, settings)
-        rows[budget] = (err, peer_err, setting.label, peer_nfe)
-        print(f"  {posed.problem.name} {budget:3d} NFE: ours {err:.2e}  best peer {peer_err:.2e} "
-              f"({setting.label}, {peer_nfe} NFE)  ratio {err / peer_err:.2f}", flush=True)
-    print(f"  {posed.problem.name}: {time.perf_counter() - start:.0f} s ({len(settings)} peer settings)", flush=True)
-    return rows
+def cell(posed: Posed, sub: SigmaProblem, budget: int, reference: torch.Tensor, settings: list[PeerSetting],
+         screen_rank: list[int] | None = None) -> tuple[float, float, str, int]:
+    """One cell: (our error, the best peer's error, its setting's label, its NFE) at ``budget``; ``screen_rank``
+    as in ``best_peer_screened``."""
+    ours, nfe = posed.ours(budget)
+    assert nfe == budget, (nfe, budget)
+    peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference, settings, screen_rank)
+    return rms_distance(ours, reference), peer_err, setting.label, peer_nfe
 
 
-def convergence_slope(posed: Posed, steps=(100, 200, 400, 800)) -> tuple[list[float], float]:
-    """Our default's error at growing steps on the problem's flow, and the log-log slope over the last two."""
-    reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
+def convergence_slope(posed: Posed, steps=SLOPE_STEPS,
+                      reference: torch.Tensor | None = None) -> tuple[list[float], float]:
+    """Our default's error at growing steps on the problem's flow (``reference``, computed if not given), and
+    the log-log slope over the last two."""
+    if reference is None:
+        reference = reference_flow(posed.problem, rtol=posed.reference_rtol)
     errs = [rms_distance(posed.ours(n)[0], reference) for n in steps]
     return errs, -math.log(errs[-1] / errs[-2]) / math.log(steps[-1] / steps[-2])
 
 
-def main() -> None:
-    chosen = [p for p in problems() if not sys.argv[1:] or any(p.problem.name.startswith(a) for a in sys.argv[1:])]
-    results = {}
-    for posed in chosen:
-        results[posed.problem.name] = run(posed, results)
-        write(results, [], chosen)       # after every problem, so that a stopped run keeps what it measured
-    slopes = []
-    for p in chosen:
-        if p.problem.name.endswith(".pt"):
-            errs, slope = convergence_slope(p)
-            slopes.append(f"| {p.problem.name} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {slope:.2f} |")
-            print(slopes[-1], flush=True)
-    write(results, slopes, chosen)
-    print(f"written to {RESULTS / 'peers.md'}")
+# ----------------------------------------------------------------------------------------------------
+# Jobs and the processes that run them
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of work: a problem's exact flow ("reference"), one cell ("cell", at ``budget``), or a
+    network's convergence slopes ("slopes")."""
+
+    kind: str
+    problem: str
+    budget: int = 0
 
 
-def write(results: dict, slope_rows: list[str], posed: list[Posed]) -> None:
-    """peers.md (ratios, every cell, the networks' convergence slopes; the spans of ``posed``), peers.png, peers.json."""
+#: this process's problems by name and their screening subsets (``_start_worker``)
+_WORKER: dict = {}
+
+
+def _start_worker(factory: Callable[[], list[Posed]], names: tuple[str, ...]) -> None:
+    torch.set_num_threads(1)
+    posed = {p.problem.name: p for p in factory() if p.problem.name in names}
+    subs = {name: dataclasses.replace(p.problem, x_start=p.problem.x_start[:SCREEN]) for name, p in posed.items()}
+    _WORKER.clear()
+    _WORKER.update(posed=posed, subs=subs)
+
+
+def _run_job(job: Job, reference: torch.Tensor | None, labels: tuple[str, ...] | None):
+    """``job`` in this process: (its result, its wall seconds, its CPU seconds); a cell's result is (its row,
+    the winner's place in the screening). ``labels`` restricts a cell's sweep (None: every setting)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    posed = _WORKER["posed"][job.problem]
+    if job.kind == "reference":
+        out = reference_flow(posed.problem, rtol=posed.reference_rtol)
+    elif job.kind == "slopes":
+        out = convergence_slope(posed, reference=reference)
+    else:
+        settings = peer_settings() if labels is None else [s for s in peer_settings() if s.label in labels]
+        rank = []
+        out = cell(posed, _WORKER["subs"][job.problem], job.budget, reference, settings, rank), rank[0]
+    return out, time.perf_counter() - start, time.process_time() - cpu
+
+
+class _InProcess:
+    """``submit`` of concurrent.futures, run at once in this process: ``--workers 1`` takes the same path."""
+
+    def __init__(self, factory: Callable[[], list[Posed]], names: tuple[str, ...]):
+        _start_worker(factory, names)
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to the caller through the future, as a process pool does
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self) -> None:
+        _WORKER.clear()
+
+
+def _cost(job: Job, posed: Posed) -> float:
+    """A rough cost in seconds, to start the longest jobs first (measured on the networks: ~0.1 s per
+    float64 evaluation of 1000 points, and the sweep's ~220 settings on 128 points per NFE of the budget)."""
+    network = posed.problem.name.endswith(".pt") or posed.winners_only
+    if job.kind == "reference":
+        return 250.0 if network else 10.0
+    if job.kind == "slopes":
+        return 150.0
+    return (3.0 if network else 0.6) * job.budget
+
+
+def _priority(job: Job, names: list[str], posed: dict) -> tuple:
+    """The exact flows first (every other job needs one), then problem by problem, so that the tables grow as
+    problems complete; within each, the longest jobs first."""
+    stage = (0, 0) if job.kind == "reference" else (1, names.index(job.problem))
+    return (*stage, -_cost(job, posed[job.problem]))
+
+
+@dataclasses.dataclass
+class Measured:
+    """What a run measured: cells by problem and budget, slopes by network, and by problem the wall and CPU
+    seconds of its jobs; the run's wall time; the place of each cell's winner in its screening."""
+
+    cells: dict
+    slopes: dict
+    seconds: dict
+    cpu: dict
+    wall: float
+    screen_ranks: dict = dataclasses.field(default_factory=dict)
+
+
+def measure(names: list[str], workers: int = 2, budgets: tuple[int, ...] = BUDGETS,
+            factory: Callable[[], list[Posed]] = problems, settings: tuple[str, ...] | None = None,
+            on_problem: Callable[[Measured], None] | None = None) -> Measured:
+    """Every cell of the problems ``names`` (of ``factory()``, a picklable function) at ``budgets``, and the
+    networks' convergence slopes, on ``workers`` processes of one thread each. ``settings``: the labels of
+    the peer settings to sweep (None: all). ``on_problem`` is called whenever a problem's cells are complete
+    (to write the tables so far)."""
+    start = time.perf_counter()
+    posed = {p.problem.name: p for p in factory() if p.problem.name in names}
+    names = [n for n in names if n in posed]
+    if workers == 1:
+        pool = _InProcess(factory, tuple(names))
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_start_worker, initargs=(factory, tuple(names)))
+    references, cells, slopes = {}, {name: {} for name in names}, {}
+    seconds, cpu = collections.defaultdict(float), collections.defaultdict(float)
+    ready = [Job("reference", name) for name in names]
+    # a winners_only problem sweeps the settings that won the other problems' cells: it waits for them
+    deferred = [name for name in names if posed[name].winners_only]
+    labels = {name: settings for name in names}
+    running = {}
+    measured = Measured(cells, slopes, seconds, cpu, 0.0)
+    try:
+        while ready or running or deferred:
+            if deferred and all(len(cells[n]) == len(budgets) for n in names if n not in deferred) \
+                    and all(n in references for n in deferred):
+                others = {n: rows for n, rows in cells.items() if n not in deferred}
+                chosen = tuple(s.label for s in winning_settings(others)
+                               if settings is None or s.label in settings)
+                for name in deferred:
+                    labels[name] = chosen
+                    ready += [Job("cell", name, b) for b in budgets]
+                deferred = []
+            ready.sort(key=lambda job: _priority(job, names, posed))
+            while ready and len(running) < workers:
+                job = ready.pop(0)
+                running[pool.submit(_run_job, job, references.get(job.problem), labels.get(job.problem))] = job
+            if not running:
+                continue
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                result, spent, spent_cpu = future.result()
+                seconds[job.problem] += spent
+                cpu[job.problem] += spent_cpu
+                if job.kind == "reference":
+                    references[job.problem] = result
+                    print(f"  {job.problem}: exact flow [{spent:.0f} s, {spent_cpu:.0f} s CPU]", flush=True)
+                    if not posed[job.problem].winners_only:
+                        ready += [Job("cell", job.problem, b) for b in budgets]
+                    if job.problem.endswith(".pt"):
+                        ready.append(Job("slopes", job.problem))
+                elif job.kind == "slopes":
+                    slopes[job.problem] = result
+                    print(_slope_row(job.problem, *result) + f"  [{spent:.0f} s, {spent_cpu:.0f} s CPU]", flush=True)
+                else:
+                    result, measured.screen_ranks[job.problem, job.budget] = result
+                    cells[job.problem][job.budget] = result
+                    err, peer_err, label, peer_nfe = result
+                    print(f"  {job.problem} {job.budget:3d} NFE: ours {err:.2e}  best peer {peer_err:.2e} "
+                          f"({label}, {peer_nfe} NFE, screened #{measured.screen_ranks[job.problem, job.budget]})  "
+                          f"ratio {err / peer_err:.2f}  [{spent:.0f} s, {spent_cpu:.0f} s CPU]", flush=True)
+                    if len(cells[job.problem]) == len(budgets):
+                        cells[job.problem] = {b: cells[job.problem][b] for b in budgets}
+                        print(f"  {job.problem}: cells complete, {seconds[job.problem]:.0f} s of work so far "
+                              f"({cpu[job.problem]:.0f} s CPU)", flush=True)
+                        if on_problem is not None:
+                            measured.wall = time.perf_counter() - start
+                            on_problem(measured)
+    finally:
+        pool.shutdown()
+    measured.wall = time.perf_counter() - start
+    return measured
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line and the tables
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Our default sampler against the peers (issue 14).")
+    parser.add_argument("prefixes", nargs="*", help="run only the problems whose name starts with one of these")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="directory for peers.md, peers.json and peers.png (default benchmarks/results; "
+                             "required when only some problems run)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        _fail(f"--workers must be at least 1, got {args.workers}.")
+    posed = problems()
+    every = [p.problem.name for p in posed]
+    names = [n for n in every if not args.prefixes or any(n.startswith(a) for a in args.prefixes)]
+    if not names:
+        _fail(f"no problem's name starts with {', '.join(map(repr, args.prefixes))}; the problems are: "
+              + "; ".join(every) + ".")
+    if len(names) < len(every) and args.out is None:
+        _fail("a run of some problems would overwrite benchmarks/results/peers.*: pass --out DIR for its tables.")
+    out = RESULTS if args.out is None else args.out
+    torch.set_num_threads(1)
+    chosen = [p for p in posed if p.problem.name in names]
+    measured = measure(names, args.workers, on_problem=lambda m: write(m, chosen, out, args.workers, len(every)))
+    write(measured, chosen, out, args.workers, len(every), finished=True)
+    print(f"total wall time {measured.wall / 60:.1f} min on {args.workers} worker(s); written to {out / 'peers.md'}")
+
+
+def _slope_row(name: str, errs: list[float], slope: float) -> str:
+    return f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {slope:.2f} |"
+
+
+def write(measured: Measured, posed: list[Posed], out: pathlib.Path = RESULTS, workers: int = 2,
+          of: int | None = None, finished: bool = False) -> None:
+    """peers.md (ratios, every cell, the networks' convergence slopes, the run time), peers.png and peers.json
+    in ``out``, for the problems of ``posed`` whose cells are complete (``of``: how many problems there are)."""
+    names = [p.problem.name for p in posed]
+    results = {n: measured.cells[n] for n in names if len(measured.cells[n]) == len(BUDGETS)}
+    if not results:
+        return
+    spans = "; ".join(f"{p.problem.name}: σ {p.problem.sigma_max:.3g} → {p.problem.sigma_min:.3g}"
+                      for p in posed if p.problem.name in results)
     head = "| problem | " + " | ".join(str(b) for b in BUDGETS) + " |\n|---|" + "---|" * len(BUDGETS)
     ratio = [head] + [f"| {name} | " + " | ".join(f"{rows[b][0] / rows[b][1]:.2f}" for b in BUDGETS) + " |"
                       for name, rows in results.items()]
-    detail = ["| problem | NFE | ours | best peer | its setting (NFE used) | ratio |", "|---|---|---|---|---|---|"]
+    detail = ["| problem | NFE | ours | best peer | its setting (NFE used) | its place in the screening | ratio |",
+              "|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for b in BUDGETS:
             err, peer_err, label, peer_nfe = rows[b]
-            detail.append(f"| {name} | {b} | {err:.2e} | {peer_err:.2e} | {label} ({peer_nfe}) | {err / peer_err:.2f} |")
-    slopes = ["| problem | " + " | ".join(f"{n} steps" for n in (100, 200, 400, 800)) + " | slope |",
+            detail.append(f"| {name} | {b} | {err:.2e} | {peer_err:.2e} | {label} ({peer_nfe}) | "
+                          f"{measured.screen_ranks.get((name, b), '–')} | {err / peer_err:.2f} |")
+    # where the screening decided something (more samples than it uses): how deep the winners sat in it
+    screened = {p.problem.name for p in posed if p.problem.x_start.shape[0] > SCREEN}
+    places = sorted(rank for (name, _), rank in measured.screen_ranks.items() if name in screened and name in results)
+    screening = (f"The winner's place in the {SCREEN}-sample screening of its cell (problems with more samples): "
+                 f"first in {places.count(1)} of {len(places)} cells, within the first 3 in "
+                 f"{sum(r <= 3 for r in places)}, at worst {places[-1]} (the best {SHORTLIST} are run on all "
+                 f"samples).\n\n" if places else "")
+    slope_rows = [_slope_row(n, *measured.slopes[n]) for n in names if n in measured.slopes]
+    slopes = ["| problem | " + " | ".join(f"{n} steps" for n in SLOPE_STEPS) + " | slope |",
               "|---|---|---|---|---|---|"] + (slope_rows or ["| (not measured in this run) |"])
     worst = max(rows[b][0] / rows[b][1] for rows in results.values() for b in BUDGETS)
-    spans = "; ".join(f"{p.problem.name}: σ {p.problem.sigma_max:.3g} → {p.problem.sigma_min:.3g}"
-                      for p in posed if p.problem.name in results)
-    text = (f"# Our default sampler against the peers, side by side\n\n`python benchmarks/peers.py`; torch "
+    subset = of is not None and len(names) < of
+    command = "python benchmarks/peers.py" + (" " + " ".join(repr(n) for n in names) if subset else "")
+    timing = [f"- {name}: {measured.seconds[name]:.0f} s wall, {measured.cpu[name]:.0f} s CPU (exact flow, "
+              f"{len(BUDGETS)} cells" + (", convergence slopes" if name in measured.slopes else "") + ")"
+              for name in results]
+    state = "the whole run" if finished else "so far (the run was still going when this was written)"
+    timing.append(f"- {state}: **{measured.wall / 60:.1f} min wall time** on {workers} worker process(es) at one "
+                  f"thread each; the jobs took {sum(measured.seconds.values()) / 60:.1f} min wall and "
+                  f"{sum(measured.cpu.values()) / 60:.1f} min CPU in all"
+                  + (" (wall above CPU: the cores were shared with other work)"
+                     if sum(measured.seconds.values()) > 1.2 * sum(measured.cpu.values()) else "")
+                  + (f"; problems run: {len(names)} of {of}" if subset else ""))
+    text = (f"# Our default sampler against the peers, side by side\n\n`{command}`; torch "
             f"{torch.__version__}. Problems posed in σ-space (docs/math.md §9); errors are RMS distances to each "
             f"problem's exact flow (dopri8 in log σ at 1e-10, float64); exact problems {N_EXACT} samples, ring "
             f"networks {N_NETWORK}; the digits U-Net {N_DIGITS} samples in float32, its flow at rtol 1e-6, against "
             f"the peer settings that won a cell of the other problems. Peers at their best setting per cell "
-            f"(`benchmarks/peer_samplers.py`). Spans: {spans}.\n\n"
+            f"(`benchmarks/peer_samplers.py`: every setting ranked on {SCREEN} samples, the best {SHORTLIST} "
+            f"run on all). Spans: {spans}.\n\n"
             f"## Ratio: our default `multistep` ÷ the best peer (goal ≤ {GOAL}; worst cell {worst:.2f})\n\n"
             + "\n".join(ratio) + "\n\n## Every cell\n\n" + "\n".join(detail)
-            + "\n\n## Convergence of the default on the shipped networks (their own flow)\n\n" + "\n".join(slopes) + "\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "peers.md").write_text(text)
+            + "\n\n## Convergence of the default on the shipped networks (their own flow)\n\n" + "\n".join(slopes)
+            + "\n\n## Run time\n\n" + screening + "Seconds of work per problem (its jobs, summed over the workers):\n\n"
+            + "\n".join(timing)
+            + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.md").write_text(text)
     # the cells as data: (ours, best peer, its setting, its NFE) per problem and budget
     cells = {name: {str(b): list(row) for b, row in rows.items()} for name, rows in results.items()}
-    (RESULTS / "peers.json").write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
+    (out / "peers.json").write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], results.items()):
         ax.loglog(BUDGETS, [rows[b][0] for b in BUDGETS], "o-", label="ours (multistep, defaults)")
@@ -240,7 +528,7 @@ def write(results: dict, slope_rows: list[str], posed: list[Posed]) -> None:
     axes[0, 0].set_ylabel("RMS distance to the exact flow")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "peers.png", dpi=100)
+    fig.savefig(out / "peers.png", dpi=100)
     plt.close(fig)
 
 

@@ -1,18 +1,23 @@
-"""The peer-sampler wrappers of benchmarks/peer_samplers.py: posing, NFE counting and convergence.
+"""The peer-sampler wrappers of benchmarks/peer_samplers.py (posing, NFE counting, convergence) and the runner
+of benchmarks/peers.py (worker processes, screening, the command line).
 
 diffusers is skipped with ``pytest.importorskip``. k-diffusion cannot be: its package ``__init__``
 imports torchvision, clip and wandb, so it is probed through ``k_diffusion_sampling()``, the loader
 the module itself uses, and skipped when that raises ImportError.
 """
+import functools
 import math
 import sys
 
 import pytest
 import torch
 
+from benchmarks import peers
 from benchmarks.peer_samplers import (BudgetTooSmall, PeerSetting, SigmaProblem, best_peer,
                                       k_diffusion_sampling, peer_settings, reference_flow, ring_problem,
                                       rms_distance)
+from models.checkpoint import load_checkpoint
+from tasks_lib.model_source import pretrained_path
 
 F64 = torch.float64
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
@@ -167,3 +172,79 @@ def test_every_setting_runs_within_budget_from_sigma_max():
             else:
                 assert nfe == budget // setting.nfe_per_step * setting.nfe_per_step, setting.label
             assert sigmas[0] == pytest.approx(SIGMA_MAX, rel=START_RTOL[setting.peer.split()[0]]), setting.label
+
+
+# ---- benchmarks/peers.py: the runner ---------------------------------------------------------------
+
+def _peers_installed() -> None:
+    pytest.importorskip("diffusers")
+    try:
+        k_diffusion_sampling()
+    except ImportError as exc:
+        pytest.skip(f"k-diffusion is not importable: {exc}")
+
+
+def test_shared_time_embedding_equals_the_per_sample_evaluation():
+    full = load_checkpoint(pretrained_path("ring", "ve")).score_fn.double()
+    shared = load_checkpoint(pretrained_path("ring", "ve")).score_fn.double()
+    peers.share_time_embedding(shared)
+    assert isinstance(shared.net.time_embed, peers._SharedTimeEmbedding)
+    x = 3 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    one_t = torch.full((64,), 0.3, dtype=F64)
+    # one (1, hidden) embedding broadcast instead of 64 equal rows: only the matmul's rounding may differ
+    assert torch.allclose(shared(x, one_t), full(x, one_t), rtol=1e-12, atol=1e-12)
+    several_t = torch.linspace(0.05, 0.9, 64, dtype=F64)
+    assert torch.equal(shared(x, several_t), full(x, several_t))
+
+
+def test_screening_on_every_sample_runs_each_setting_once():
+    problem = ring_problem(8)
+    reference = torch.zeros_like(problem.x_start)
+    calls = []
+
+    def offset(delta):
+        def run(p, budget):
+            calls.append(delta)
+            return reference + delta, budget
+        return run
+
+    settings = [PeerSetting("p", f"{d}", 1, offset(d)) for d in (0.3, 0.01, 0.2)]
+    # the first SCREEN samples are all 8: the ranking is the answer, and no setting runs twice
+    places = []
+    error, setting, nfe = peers.best_peer_screened(problem, problem, 10, reference, settings, places)
+    assert (setting.setting, nfe, len(calls), places) == ("0.01", 10, 3, [1])
+    assert error == pytest.approx(0.01 * math.sqrt(2))
+
+
+def test_worker_pool_gives_the_cells_of_one_process():
+    _peers_installed()
+    labels = tuple(f"{peer} ({setting})" for peer, setting in [UNIPC, K_2M, EDM_2M, K_HEUN])
+    labels += ("k-diffusion dpm_adaptive (order 3, rtol swept)",)   # batch-coupled steps, cached per problem
+    factory = functools.partial(peers.small_problems, 16)
+    posed = factory()
+    names = [p.problem.name for p in posed]
+    budgets = (5, 8)
+    alone = peers.measure(names, 1, budgets, factory=factory, settings=labels)
+    pooled = peers.measure(names, 2, budgets, factory=factory, settings=labels)
+    assert pooled.cells == alone.cells and pooled.cells.keys() == set(names)
+    assert pooled.screen_ranks == alone.screen_ranks
+    # each cell is our error and the best of the chosen settings against the problem's own flow
+    first, second = posed
+    reference = reference_flow(first.problem, rtol=first.reference_rtol)
+    for budget in budgets:
+        ours, peer_err, label, nfe = alone.cells[first.problem.name][budget]
+        assert ours == rms_distance(first.ours(budget)[0], reference)
+        assert label in labels and nfe <= budget
+    # the winners_only problem swept only the settings that won a cell of the first
+    winners = {row[2] for row in alone.cells[first.problem.name].values()}
+    assert {row[2] for row in alone.cells[second.problem.name].values()} <= winners
+
+
+@pytest.mark.parametrize("argv, message", [(["ring_ve.pt"], "--out"), (["--workers", "0"], "--workers"),
+                                           (["nothing", "--out", "unused"], "the problems are")])
+def test_peers_command_line_refuses_bad_input(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        peers.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
