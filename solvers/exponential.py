@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, Optional
 
+import numpy
 import torch
 
 from core_lib import finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
-from solvers.grids import GridKind, GridOptions, half_log_snr_at, solve_times
+from solvers.grids import COVERAGE_FROM_STEPS, GridKind, GridOptions, half_log_snr_at, solve_times
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
@@ -40,6 +41,10 @@ ORDERS = (1, 2, 3, 4)
 #: irregularities (its x̂₀ is far rougher in λ than an exact score's) instead of the flow; measured on
 #: the shipped networks, order 4 at 8 steps is 10× worse than order 2 (benchmarks/results/peers_log.md).
 FEW_STEP_ORDERS = ((6, 2), (10, 3))
+#: (fewest steps it no longer applies to, bound): by default each step's weights' gain Σ|w| / |Σ w| is bounded, over
+#: few long steps on a trained network a fit that extrapolates with large alternating weights amplifies the network's
+#: roughness in λ (benchmarks/results/peers_log.md §6); from 40 steps there is no bound
+GAIN_BOUNDS = ((20, 2.5), (40, 4.0))
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -81,18 +86,45 @@ def _step_weights(nodes: list[float], target: float, variable: str) -> list[floa
         moments = _phi_integrals(h, n)
     else:
         moments = [h ** (j + 1) / (j + 1) for j in range(n)]
+    return _solve_weights(nodes, moments)
+
+
+def _solve_weights(nodes: list[float], moments) -> list[float]:
+    """w = V⁻ᵀ I, the weights of y in Σ_j I_j (V⁻¹ y)_j, with V_kj = (nodes_k − nodes_0)^j."""
+    u, n = nodes[0], len(nodes)
     V = torch.tensor([[(v - u) ** j for j in range(n)] for v in nodes], dtype=torch.float64)
-    # w = V⁻ᵀ I: the weights of y in Σ_j I_j (V⁻¹ y)_j.
-    w = torch.linalg.solve(V.T, torch.tensor(moments, dtype=torch.float64))
-    return w.tolist()
+    return torch.linalg.solve(V.T, torch.as_tensor(moments, dtype=torch.float64)).tolist()
+
+
+#: Gauss–Legendre nodes and weights on [−1, 1] for the moments of a step whose polynomial is in λ but whose
+#: integral is in σ or the angle (smooth integrands over at most a few units of λ: exact to float64)
+_GAUSS = [torch.tensor(a, dtype=torch.float64) for a in numpy.polynomial.legendre.leggauss(32)]
+
+
+def _lambda_node_weights(lam_u: float, lam_t: float, n: int, variable: str, sigma_data: float) -> list[float]:
+    """Moments M_j = ∫_{λ_u}^{λ_t} (λ − λ_u)^j (dv/dλ) dλ of a polynomial in λ integrated in v (σ or the angle)."""
+    h = lam_t - lam_u
+    x, w = _GAUSS
+    lam_off = (x + 1) * (h / 2)
+    sigma = torch.exp(-(lam_u + lam_off))
+    if variable == "sigma":
+        dv = -sigma                                                     # σ = e^{−λ}
+    else:
+        dv = -sigma * sigma_data / (sigma_data**2 + sigma**2)           # u = arctan(σ/σ_data)
+    return [float((w * lam_off**j * dv).sum() * (h / 2)) for j in range(n)]
 
 
 class _ExponentialState:
     """The bookkeeping of one solve: which value is fitted (x̂_0, ε̂ or F) in which variable (λ, σ or the angle)."""
 
     def __init__(self, sde: SDE, score: CountedScore, x: Tensor, variable: str, sigma_data: float = 1.0,
-                 history: int = 1):
+                 history: int = 1, lambda_nodes: bool = False, max_gain: float = math.inf):
         self.sde = sde
+        #: fit the polynomial in λ whatever the variable it is integrated in (stable over steps of similar
+        #: length in λ; in the angle, steps uniform in λ shrink ~e^{−λ} at high noise and a fit there extrapolates)
+        self.lambda_nodes = lambda_nodes or variable == "log_snr"
+        #: each step drops its oldest values until its weights' gain Σ|w| / |Σ w| is at most this (inf: no bound)
+        self.max_gain = max_gain
         #: how many past values the solve keeps: an order-k predictor fits through k, its corrector through these and the new one
         self.history = history
         self.score = score
@@ -108,7 +140,7 @@ class _ExponentialState:
         return alpha, std, math.log(alpha / std)
 
     def node(self, alpha: float, std: float, lam: float) -> float:
-        if self.variable == "log_snr":
+        if self.lambda_nodes:
             return lam
         if self.variable == "sigma":
             return std / alpha
@@ -144,9 +176,12 @@ class _ExponentialState:
 
     def step(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor]) -> Tensor:
         """The exact flow from t_from to t_to of the polynomial through (nodes, values); nodes[0] is t_from's."""
-        a_u, s_u, _ = self.coefficients(t_from)
+        a_u, s_u, lam_u = self.coefficients(t_from)
         a_t, s_t, lam_t = self.coefficients(t_to)
-        w = _step_weights(nodes, self.node(a_t, s_t, lam_t), self.variable)
+        w = self.weights(lam_u, self.node(a_t, s_t, lam_t), nodes)
+        while len(w) > 1 and sum(map(abs, w)) > self.max_gain * abs(sum(w)):
+            nodes, values = nodes[:-1], values[:-1]
+            w = self.weights(lam_u, self.node(a_t, s_t, lam_t), nodes)
         if self.variable == "log_snr":
             ratio, scale = s_t / s_u, a_t
         elif self.variable == "sigma":
@@ -159,6 +194,12 @@ class _ExponentialState:
         for wk, yk in zip(w, values):
             x_new = x_new + (scale * wk) * yk
         return x_new
+
+    def weights(self, lam_u: float, target: float, nodes: list[float]) -> list[float]:
+        """The step's weights of the values at ``nodes`` (see ``_step_weights``); ``target`` is the end's node."""
+        if self.lambda_nodes and self.variable != "log_snr":
+            return _solve_weights(nodes, _lambda_node_weights(lam_u, target, len(nodes), self.variable, self.sigma_data))
+        return _step_weights(nodes, target, self.variable)
 
     def correct(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor],
                 node: float, value: Tensor, order: int) -> Tensor:
@@ -178,10 +219,14 @@ class _MultistepOptions(GridOptions):
     corrector: bool = True             # re-fit through the new point and redo the step (no extra NFE)
     lower_order_final: bool = True     # order ≤ 2 on the last step when steps < 15 (the step nearest the data is the stiffest)
     few_step_orders: bool = True       # cap the order at 2 for ≤ 6 steps and at 3 for ≤ 10 (see FEW_STEP_ORDERS)
+    lambda_nodes: Optional[bool] = None   # fit the polynomial in λ, whatever the variable; None: below 40 steps
+    max_gain: Optional[float] = None   # lower a step's order until Σ|w| ≤ max_gain·|Σ w|; None: 2.5 below 20 steps, 4 below 40, else none (inf)
 
     def validate(self):
         if self.order not in ORDERS:
             raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
+        if self.max_gain is not None and not self.max_gain >= 1:
+            raise SolverError(f"max_gain must be a number ≥ 1 (inf: no bound; null: the default), got {self.max_gain}.")
         super().validate()
 
 
@@ -205,10 +250,13 @@ class Multistep(Solver):
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         o = self.options
-        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
+        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data, x[0].numel()).tolist()
         n = len(ts) - 1
         orders = step_orders(n, o.order, o.lower_order_final, o.few_step_orders)
-        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=max(orders))
+        lambda_nodes = o.lambda_nodes if o.lambda_nodes is not None else n < COVERAGE_FROM_STEPS
+        max_gain = o.max_gain if o.max_gain is not None else next((g for below, g in GAIN_BOUNDS if n < below), math.inf)
+        state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=max(orders),
+                                  lambda_nodes=lambda_nodes, max_gain=max_gain)
         value, node = state.evaluate(x, ts[0])
         nodes, values = [node], [value]
         for i, order in enumerate(orders):
@@ -268,7 +316,8 @@ class Heun(Multistep):
 
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
-        ts = solve_times(self.options, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
+        ts = solve_times(self.options, sde, eps, steps, self.default_step_count, score.sigma_data,
+                         x[0].numel()).tolist()
         state = _ExponentialState(sde, score, x, "sigma")
         for i in range(len(ts) - 1):
             d, node = state.evaluate(x, ts[i])                         # Euler step

@@ -1,7 +1,8 @@
 """Time grids apart from samplers: where the steps of a fixed-step solve go, from T down to eps.
 
 Any solver with a fixed number of steps takes its grid from here through :class:`GridOptions`
-(the options ``grid``, ``rho``, ``focus``, ``focus_width_noise``, ``focus_width_data``, ``times``)
+(the options ``grid``, ``rho``, ``focus``, ``focus_width_noise``, ``focus_width_data``, ``coverage``,
+``uniform_share``, ``times``)
 and :func:`solve_times`: ``multistep``, ``ddim``, ``heun``, ``pf_ode`` with a fixed-grid method,
 and ``euler_maruyama``. A new grid is one branch of :func:`time_grid` (docs/math.md §4.3).
 """
@@ -32,7 +33,7 @@ def half_log_snr_at(sde: SDE, t: float) -> float:
 def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
               times: Optional[List[float]] = None, focus_sigma: float = 2.5,
               focus_width: tuple[float, float] = (1.5, 1.6), coverage: float = 0.0,
-              dtype=torch.float64) -> Tensor:
+              uniform_share: float = 0.0, dtype=torch.float64) -> Tensor:
     """steps + 1 times from T down to eps (float64).
 
     kinds: "t" uniform in t; "log_snr" uniform in the half log-SNR λ; "edm" EDM's ρ-spacing of
@@ -41,9 +42,11 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
     level where the data's modes separate, and w = focus_width[0] on the noisy side (λ < λ_c),
     focus_width[1] on the data side (w → ∞ gives "log_snr"; w = 1 on both sides is a grid
     uniform in arctan(σ/focus_sigma)); "user": ``times`` as given (T first, strictly
-    decreasing, eps last; ``steps`` is then len(times) − 1). ``coverage`` (focus only) mixes the
-    focus density with the "edm" density, in that proportion: the focus thins out exponentially
-    towards both ends, where a trained network is rougher in λ than an exact score (docs/math.md §4.3).
+    decreasing, eps last; ``steps`` is then len(times) − 1). ``coverage`` and ``uniform_share``
+    (focus only) mix the focus density with the "edm" and the "log_snr" densities, in those
+    proportions: the focus thins out exponentially towards both ends, where a trained network is
+    rougher in λ than an exact score, and a uniform share keeps every step in λ at most
+    1/uniform_share times the uniform grid's, which keeps a multistep fit in λ stable (docs/math.md §4.3).
     """
     if kind == "t":
         return torch.linspace(sde.T, eps, steps + 1, dtype=dtype)
@@ -66,11 +69,12 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
         noisy, clean = focus_width
         if not (focus_sigma > 0 and noisy > 0 and clean > 0):
             raise SolverError(f"focus_sigma and the focus widths must be positive, got {focus_sigma}, {focus_width}.")
-        if not 0 <= coverage <= 1:
-            raise SolverError(f"coverage must be in [0, 1], got {coverage}.")
+        if not (0 <= coverage <= 1 and 0 <= uniform_share <= 1 and coverage + uniform_share <= 1):
+            raise SolverError(f"coverage and uniform_share must be in [0, 1] with a sum at most 1, got {coverage} "
+                              f"and {uniform_share}.")
         lam_c = -math.log(focus_sigma)
-        if coverage > 0:
-            lam = _mix_with_edm(steps, lam_T, lam_eps, lam_c, focus_width, rho, coverage)
+        if coverage > 0 or uniform_share > 0:
+            lam = _mixed_focus(steps, lam_T, lam_eps, lam_c, focus_width, rho, coverage, uniform_share)
         else:
             # Equal steps of the density's CDF, inverted in closed form: w·asinh(tan(g/w)).
             ends = _focus_cdf(torch.tensor([lam_T, lam_eps], dtype=torch.float64) - lam_c, focus_width)
@@ -91,12 +95,14 @@ def _focus_cdf(v: Tensor, widths: tuple[float, float]) -> Tensor:
     return w * torch.atan(torch.sinh(v / w))
 
 
-def _mix_with_edm(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
-                  rho: float, coverage: float) -> Tensor:
-    """steps + 1 values of λ for the density (1 − coverage)·focus + coverage·edm, by bisection on its CDF.
+def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths: tuple[float, float],
+                 rho: float, coverage: float, uniform_share: float) -> Tensor:
+    """steps + 1 values of λ for the density (1 − coverage − uniform_share)·focus + coverage·edm +
+    uniform_share·uniform, by bisection on its CDF.
 
-    Both CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is ``_focus_cdf``, the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}. Their mixture is increasing, so
-    60 bisections place each of the equally spaced levels to float64 precision.
+    The three CDFs are closed forms on [λ_T, λ_eps], normalised to [0, 1]: the focus's is ``_focus_cdf``,
+    the edm grid's is linear in σ^{1/ρ} = e^{−λ/ρ}, the uniform one linear in λ. Their mixture is
+    increasing, so 60 bisections place each of the equally spaced levels to float64 precision.
     """
     lo_f, hi_f = _focus_cdf(torch.tensor([lam_T, lam_eps], dtype=torch.float64) - lam_c, widths).tolist()
     lo_e, hi_e = math.exp(-lam_T / rho), math.exp(-lam_eps / rho)
@@ -104,7 +110,8 @@ def _mix_with_edm(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths
     def cdf(x: Tensor) -> Tensor:
         f = (_focus_cdf(x - lam_c, widths) - lo_f) / (hi_f - lo_f)
         e = (lo_e - torch.exp(-x / rho)) / (lo_e - hi_e)
-        return (1 - coverage) * f + coverage * e
+        u = (x - lam_T) / (lam_eps - lam_T)
+        return (1 - coverage - uniform_share) * f + coverage * e + uniform_share * u
 
     levels = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     a, b = torch.full_like(levels, lam_T), torch.full_like(levels, lam_eps)
@@ -115,9 +122,11 @@ def _mix_with_edm(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths
     return (a + b) / 2
 
 
-#: steps from which the focus grid mixes in COVERAGE of the edm density, by default
+#: steps from which the focus grid mixes in COVERAGE of the edm density, by default; below them it mixes in
+#: UNIFORM_SHARE of the uniform-λ density instead (benchmarks/results/peers_log.md §6)
 COVERAGE_FROM_STEPS = 40
 COVERAGE = 0.35
+UNIFORM_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -126,15 +135,18 @@ class GridOptions:
 
     grid: GridKind = "focus"
     rho: float = 7.0                   # grid="edm": ρ
-    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data
+    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data · √(D/2), D the data's dimension
     focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
     focus_width_data: float = 1.6      # grid="focus": and towards the data
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
+    uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5 below 40 steps, else 0
 
     def validate(self):
-        if self.coverage is not None and not 0 <= self.coverage <= 1:
-            raise SolverError(f"coverage must be in [0, 1] or None, got {self.coverage}.")
+        for name in ("coverage", "uniform_share"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise SolverError(f"{name} must be in [0, 1] or None, got {value}.")
         if not all(math.isfinite(v) and v > 0
                    for v in (self.rho, self.focus, self.focus_width_noise, self.focus_width_data)):
             raise SolverError(f"rho, focus, focus_width_noise and focus_width_data must be finite and positive, got "
@@ -144,11 +156,13 @@ class GridOptions:
 
 
 def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, default_steps: int,
-                sigma_data: float) -> Tensor:
+                sigma_data: float, dim: int = 2) -> Tensor:
     """The grid of one solve (float64, T first, eps last) from a solver's grid options.
 
     ``steps`` None takes ``default_steps``; with ``grid="user"`` the number of steps is len(times) − 1,
-    and a different ``steps`` is refused. ``sigma_data`` places the ``focus`` grid.
+    and a different ``steps`` is refused. ``sigma_data`` and the data's dimension ``dim`` place the ``focus``
+    grid: at σ = focus · sigma_data · √(dim/2), where two data points a typical distance √(2·dim)·sigma_data
+    apart stop being told apart by the noise (for the 2-D ring the factor is 1).
     """
     kind = options.grid
     if kind == "user":
@@ -158,8 +172,9 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
             raise SolverError(f"steps={steps} but times has {len(options.times) - 1} steps; give one or the other.")
         return time_grid(sde, eps, len(options.times) - 1, "user", times=options.times)
     steps = steps or default_steps
-    coverage = options.coverage
-    if coverage is None:
-        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
-    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data,
-                     focus_width=(options.focus_width_noise, options.focus_width_data), coverage=coverage)
+    many = steps >= COVERAGE_FROM_STEPS
+    coverage = options.coverage if options.coverage is not None else (COVERAGE if many else 0.0)
+    uniform = options.uniform_share if options.uniform_share is not None else (0.0 if many else UNIFORM_SHARE)
+    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data * math.sqrt(dim / 2),
+                     focus_width=(options.focus_width_noise, options.focus_width_data), coverage=coverage,
+                     uniform_share=uniform)

@@ -231,7 +231,7 @@ def _smc(sde: SDE, score: CountedScore, y: Tensor, m: Tensor, K: int, steps: int
     where the ESS is low, so no step waits for the host.
     """
     B, shape = y.shape[0], tuple(y.shape[1:])
-    times = solve_times(opts, sde, eps, steps, 100, score.sigma_data).tolist()
+    times = solve_times(opts, sde, eps, steps, 100, score.sigma_data, y[0].numel()).tolist()
     yk, mk = y.repeat_interleave(K, 0), m.repeat_interleave(K, 0)
     twisted = opts.proposal == "twisted"
     sd2 = score.sigma_data**2

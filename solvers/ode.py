@@ -148,7 +148,7 @@ class ProbabilityFlowODE(Solver):
         check_method(opts.method, steps)
         grid = None
         if opts.method in FIXED_METHODS and opts.grid is not None:
-            grid = solve_times(opts, sde, eps, steps, self.default_fixed_steps, score.sigma_data)
+            grid = solve_times(opts, sde, eps, steps, self.default_fixed_steps, score.sigma_data, x[0].numel())
         elif opts.method in FIXED_METHODS and steps is None:
             steps = self.default_fixed_steps
         drift = pf_ode_drift(sde, score)

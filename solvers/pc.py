@@ -212,7 +212,7 @@ class _ReverseTime(Solver):
             grid = getattr(opts, "grid", "t")
             # The walk visits n times (the last steps on to 0), i.e. a grid of n − 1 steps to eps.
             times = None if grid == "t" else solve_times(opts, sde, eps, n - 1 if steps else None, n - 1,
-                                                         score.sigma_data)
+                                                         score.sigma_data, x[0].numel())
             walk = _time_walk(sde, x, eps, len(times) if times is not None else n, times)
             chain_sde = sde
         else:

@@ -91,7 +91,7 @@ class EDMStochastic(Solver):
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         o = self.options
-        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data).tolist()
+        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data, x[0].numel()).tolist()
         n = len(ts) - 1
         state = _ExponentialState(sde, score, x, "sigma")
         alpha_T, s_T, _ = state.coefficients(sde.T)

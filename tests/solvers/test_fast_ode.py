@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import solvers
-from models import MixtureScore, ring_mixture
+from models import GaussianMixture, MixtureScore, ring_mixture
 from sde_lib import SDES, VPSDE
 from solvers.base import SolverError
 from solvers.grids import time_grid
@@ -197,14 +197,15 @@ def test_third_order_step_matches_the_phi_function_formula():
     score = MixtureScore(sde, ring_mixture())
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     ours = solvers.sample(sde, score, z=z, solver="multistep", steps=12, eps=1e-3, order=3, variable="log_snr",
-                          grid="log_snr", corrector=False, lower_order_final=False).samples
+                          grid="log_snr", corrector=False, lower_order_final=False, max_gain=math.inf).samples
     torch.testing.assert_close(ours, dpm_solver_pp_3m(sde, score, z, 12, 1e-3, exact=True), rtol=0, atol=1e-9)
     assert (ours - dpm_solver_pp_3m(sde, score, z, 12, 1e-3)).abs().max() > 1e-3
 
 
 def test_coverage_mixes_the_focus_and_edm_grids():
-    """coverage → 0 is the focus grid, coverage = 1 the edm grid; the default mixes in 0.35 from 40 steps only."""
-    from solvers.grids import COVERAGE, COVERAGE_FROM_STEPS, GridOptions, solve_times
+    """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
+    mixes in 0.35 of edm from 40 steps and 0.5 of uniform λ below, with the focus scaled by √(D/2)."""
+    from solvers.grids import COVERAGE, COVERAGE_FROM_STEPS, UNIFORM_SHARE, GridOptions, solve_times
     sde = VPSDE()
     focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
     assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1e-12), focus, atol=1e-10)
@@ -212,13 +213,71 @@ def test_coverage_mixes_the_focus_and_edm_grids():
                           time_grid(sde, 1e-3, 30, "edm"), atol=1e-12)
     mixed = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=0.5)
     assert bool((mixed[1:] < mixed[:-1]).all()) and mixed[0] == sde.T and mixed[-1] == 1e-3
+    assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, uniform_share=1.0),
+                          time_grid(sde, 1e-3, 30, "log_snr"), atol=1e-12)
+    # a uniform share u keeps every step in λ at most 1/u times the uniform grid's
+    lam = sde.half_log_snr(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, uniform_share=0.5))
+    uniform_step = (lam[-1] - lam[0]) / 30
+    assert (lam.diff() <= uniform_step / 0.5 + 1e-9).all()
+    assert lam.diff().max() > 1.5 * uniform_step      # and the focus still makes the steps uneven
     options = GridOptions()
     for steps in (COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
-        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
-        assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5),
-                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5, coverage=coverage))
-    with pytest.raises(SolverError, match="coverage"):
-        solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, coverage=1.5)
+        many = steps >= COVERAGE_FROM_STEPS
+        for dim in (2, 64):
+            assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5, dim),
+                               time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5 * math.sqrt(dim / 2),
+                                         coverage=COVERAGE if many else 0.0,
+                                         uniform_share=0.0 if many else UNIFORM_SHARE))
+    for bad in ({"coverage": 1.5}, {"uniform_share": -0.1}, {"coverage": 0.6, "uniform_share": 0.6}):
+        with pytest.raises(SolverError, match="coverage|uniform_share"):
+            solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, **bad)
+
+
+def test_lambda_nodes_keep_the_angle_form_exact_for_gaussian_data():
+    """F fitted in λ and integrated in the angle (lambda_nodes) is still exact when F = 0 (Gaussian data of std
+    σ_data), at any order and grid; its weights integrate polynomials in λ exactly (Gauss–Legendre moments)."""
+    from solvers.exponential import _lambda_node_weights, _solve_weights
+    sde = VPSDE()
+    sigma_d = 1.7
+    mix = GaussianMixture([1.0], [[0.0, 0.0]], [sigma_d**2])
+    score = MixtureScore(sde, mix)
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = solvers.sample(sde, score, z=z, solver="pf_ode", eps=1e-3, rtol=1e-10, atol=1e-10).samples
+    for grid in ("log_snr", "focus", "edm"):
+        ours = solvers.sample(sde, score, z=z, solver="multistep", steps=6, eps=1e-3, grid=grid, lambda_nodes=True,
+                              few_step_orders=False, max_gain=math.inf, sigma_data=sigma_d).samples
+        torch.testing.assert_close(ours, exact, rtol=0, atol=1e-7)
+    # the weights of nodes 0, −0.4, −0.9 (in λ from the start) integrate 1, v and v² times du/dλ exactly:
+    # ∫ du = u(λ_t) − u(λ_u), and a quadratic through the nodes is reproduced
+    lam_u, lam_t, nodes = 0.3, 1.1, [0.3, -0.1, -0.6]
+    w = _solve_weights(nodes, _lambda_node_weights(lam_u, lam_t, 3, "angle", sigma_d))
+    u = lambda lam: math.atan(math.exp(-lam) / sigma_d)   # noqa: E731
+    assert abs(sum(w) - (u(lam_t) - u(lam_u))) < 1e-13
+    dense = torch.linspace(lam_u, lam_t, 200_001, dtype=F64)
+    du = -torch.exp(-dense) * sigma_d / (sigma_d**2 + torch.exp(-2 * dense))
+    quad = torch.trapezoid((dense - lam_u) ** 2 * du, dense).item()
+    assert abs(sum(wk * (v - lam_u) ** 2 for wk, v in zip(w, nodes)) - quad) < 1e-9
+
+
+def test_gain_bound_lowers_the_order_only_where_the_weights_alternate():
+    """max_gain: a step keeps its order while Σ|w| ≤ g·|Σ w| and drops its oldest values otherwise; inf is no bound,
+    and the default bounds the gain below 40 steps only (2.5 below 20, 4 below 40)."""
+    from solvers.exponential import GAIN_BOUNDS
+    sde = VPSDE()
+    score = MixtureScore(sde, ring_mixture())
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+    def run(steps, **options):
+        return solvers.sample(sde, score, z=z, solver="multistep", steps=steps, eps=1e-3, **options).samples
+
+    assert GAIN_BOUNDS == ((20, 2.5), (40, 4.0))
+    assert torch.equal(run(12), run(12, max_gain=2.5)) and not torch.equal(run(12), run(12, max_gain=math.inf))
+    assert torch.equal(run(30), run(30, max_gain=4.0))
+    assert torch.equal(run(40), run(40, max_gain=math.inf))
+    # a bound of 1 allows only weights of one sign: an extrapolating predictor drops to order 1 at every step
+    assert torch.equal(run(12, max_gain=1.0, corrector=False), run(12, order=1, corrector=False))
+    with pytest.raises(SolverError, match="max_gain"):
+        solvers.sample(sde, score, (4, 2), solver="multistep", steps=5, max_gain=0.5)
 
 
 def test_few_steps_cap_the_order():
