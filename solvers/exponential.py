@@ -79,14 +79,14 @@ def _step_weights(nodes: list[float], target: float, variable: str) -> list[floa
     The polynomial is Σ_j c_j (v − u)^j with c = V⁻¹ y, V_kj = (nodes_k − u)^j; its integral is
     Σ_j c_j I_j with I_j the exponential (λ) or plain (σ) moments of the step.
     """
-    u = nodes[0]
-    n = len(nodes)
-    h = target - u
+    return _solve_weights(nodes, _moments(target - nodes[0], len(nodes), variable))
+
+
+def _moments(h: float, n: int, variable: str) -> list[float]:
+    """I_j, j < n, of a step of length h: exponential in λ (``_phi_integrals``), else ∫_0^h v^j dv."""
     if variable == "log_snr":
-        moments = _phi_integrals(h, n)
-    else:
-        moments = [h ** (j + 1) / (j + 1) for j in range(n)]
-    return _solve_weights(nodes, moments)
+        return _phi_integrals(h, n)
+    return [h ** (j + 1) / (j + 1) for j in range(n)]
 
 
 def _solve_weights(nodes: list[float], moments) -> list[float]:
@@ -101,7 +101,7 @@ def _solve_weights(nodes: list[float], moments) -> list[float]:
 _GAUSS = [torch.tensor(a, dtype=torch.float64) for a in numpy.polynomial.legendre.leggauss(32)]
 
 
-def _lambda_node_weights(lam_u: float, lam_t: float, n: int, variable: str, sigma_data: float) -> list[float]:
+def _lambda_node_moments(lam_u: float, lam_t: float, n: int, variable: str, sigma_data: float) -> list[float]:
     """Moments M_j = ∫_{λ_u}^{λ_t} (λ − λ_u)^j (dv/dλ) dλ of a polynomial in λ integrated in v (σ or the angle)."""
     h = lam_t - lam_u
     x, w = _GAUSS
@@ -178,10 +178,11 @@ class _ExponentialState:
         """The exact flow from t_from to t_to of the polynomial through (nodes, values); nodes[0] is t_from's."""
         a_u, s_u, lam_u = self.coefficients(t_from)
         a_t, s_t, lam_t = self.coefficients(t_to)
-        w = self.weights(lam_u, self.node(a_t, s_t, lam_t), nodes)
+        moments = self.moments(lam_u, nodes[0], self.node(a_t, s_t, lam_t), len(nodes))
+        w = _solve_weights(nodes, moments)
         while len(w) > 1 and sum(map(abs, w)) > self.max_gain * abs(sum(w)):
             nodes, values = nodes[:-1], values[:-1]
-            w = self.weights(lam_u, self.node(a_t, s_t, lam_t), nodes)
+            w = _solve_weights(nodes, moments[:len(nodes)])      # the moments do not depend on the nodes
         if self.variable == "log_snr":
             ratio, scale = s_t / s_u, a_t
         elif self.variable == "sigma":
@@ -195,11 +196,11 @@ class _ExponentialState:
             x_new = x_new + (scale * wk) * yk
         return x_new
 
-    def weights(self, lam_u: float, target: float, nodes: list[float]) -> list[float]:
-        """The step's weights of the values at ``nodes`` (see ``_step_weights``); ``target`` is the end's node."""
+    def moments(self, lam_u: float, start: float, target: float, n: int) -> list[float]:
+        """The step's first n moments (see ``_step_weights``) from the node ``start`` (at λ_u) to ``target``."""
         if self.lambda_nodes and self.variable != "log_snr":
-            return _solve_weights(nodes, _lambda_node_weights(lam_u, target, len(nodes), self.variable, self.sigma_data))
-        return _step_weights(nodes, target, self.variable)
+            return _lambda_node_moments(lam_u, target, n, self.variable, self.sigma_data)
+        return _moments(target - start, n, self.variable)
 
     def correct(self, x: Tensor, t_from: float, t_to: float, nodes: list[float], values: list[Tensor],
                 node: float, value: Tensor, order: int) -> Tensor:

@@ -80,7 +80,7 @@ class _LikelihoodOptions(GridOptions):
     order: int = 3                  # multistep: polynomial order (ramped up 1, 2, .. and capped at few steps)
     variable: Literal["log_snr", "sigma", "angle"] = "angle"  # multistep: x̂_0 in λ, ε̂ in σ or F in the angle
     corrector: bool = True          # multistep: re-fit through each new point (no extra NFE)
-    uniform_share: Optional[float] = 0.0   # grid="focus": no uniform-λ share (the sampler's default; measured for sampling)
+    uniform_share: Optional[float] = 0.0   # grid="focus": no uniform-λ share (the sampler's default has one, set for sampling)
     restart: float | None = 0.005   # multistep: restart a point's order ramp when its predictor–corrector gap
                                     # (RMS over dimensions, in z = x/κ) exceeds this; None: never
     refine: float | None = None     # multistep, exact divergence: solve again the points whose error estimate

@@ -236,7 +236,7 @@ def test_coverage_mixes_the_focus_and_edm_grids():
 def test_lambda_nodes_keep_the_angle_form_exact_for_gaussian_data():
     """F fitted in λ and integrated in the angle (lambda_nodes) is still exact when F = 0 (Gaussian data of std
     σ_data), at any order and grid; its weights integrate polynomials in λ exactly (Gauss–Legendre moments)."""
-    from solvers.exponential import _lambda_node_weights, _solve_weights
+    from solvers.exponential import _lambda_node_moments, _solve_weights
     sde = VPSDE()
     sigma_d = 1.7
     mix = GaussianMixture([1.0], [[0.0, 0.0]], [sigma_d**2])
@@ -250,7 +250,7 @@ def test_lambda_nodes_keep_the_angle_form_exact_for_gaussian_data():
     # the weights of nodes 0, −0.4, −0.9 (in λ from the start) integrate 1, v and v² times du/dλ exactly:
     # ∫ du = u(λ_t) − u(λ_u), and a quadratic through the nodes is reproduced
     lam_u, lam_t, nodes = 0.3, 1.1, [0.3, -0.1, -0.6]
-    w = _solve_weights(nodes, _lambda_node_weights(lam_u, lam_t, 3, "angle", sigma_d))
+    w = _solve_weights(nodes, _lambda_node_moments(lam_u, lam_t, 3, "angle", sigma_d))
     u = lambda lam: math.atan(math.exp(-lam) / sigma_d)   # noqa: E731
     assert abs(sum(w) - (u(lam_t) - u(lam_u))) < 1e-13
     dense = torch.linspace(lam_u, lam_t, 200_001, dtype=F64)
