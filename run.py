@@ -156,6 +156,9 @@ def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         metrics = run_task(cfg, out, overridden_keys(HydraConfig.get().overrides.task))
+        # every rank finished: leave together, so that no rank tears its connections down while a peer's last
+        # messages are in flight (a failing rank skips this; torchrun then stops the others)
+        distributed.barrier()
     except UserError as err:  # the user's to fix: one line; anything else is a bug and keeps its traceback
         _discard_if_empty(out)
         _fail(str(err), err.exit_code if isinstance(err, RunInterrupted) else EXIT_USER_ERROR)
