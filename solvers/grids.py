@@ -122,8 +122,8 @@ def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths:
     return (a + b) / 2
 
 
-#: steps from which the focus grid mixes in COVERAGE of the edm density, by default; below them it mixes in
-#: UNIFORM_SHARE of the uniform-λ density instead (benchmarks/results/peers_log.md §6)
+#: by default the focus grid mixes in UNIFORM_SHARE of the uniform-λ density at every budget, and from
+#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7)
 COVERAGE_FROM_STEPS = 40
 COVERAGE = 0.35
 UNIFORM_SHARE = 0.5
@@ -140,7 +140,7 @@ class GridOptions:
     focus_width_data: float = 1.6      # grid="focus": and towards the data
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
-    uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5 below 40 steps, else 0
+    uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5
 
     def validate(self):
         for name in ("coverage", "uniform_share"):
@@ -174,7 +174,7 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
     steps = steps or default_steps
     many = steps >= COVERAGE_FROM_STEPS
     coverage = options.coverage if options.coverage is not None else (COVERAGE if many else 0.0)
-    uniform = options.uniform_share if options.uniform_share is not None else (0.0 if many else UNIFORM_SHARE)
+    uniform = options.uniform_share if options.uniform_share is not None else UNIFORM_SHARE
     return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data * math.sqrt(dim / 2),
                      focus_width=(options.focus_width_noise, options.focus_width_data), coverage=coverage,
                      uniform_share=uniform)

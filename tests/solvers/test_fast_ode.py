@@ -204,7 +204,7 @@ def test_third_order_step_matches_the_phi_function_formula():
 
 def test_coverage_mixes_the_focus_and_edm_grids():
     """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
-    mixes in 0.35 of edm from 40 steps and 0.5 of uniform λ below, with the focus scaled by √(D/2)."""
+    mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, with the focus scaled by √(D/2)."""
     from solvers.grids import COVERAGE, COVERAGE_FROM_STEPS, UNIFORM_SHARE, GridOptions, solve_times
     sde = VPSDE()
     focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
@@ -227,7 +227,7 @@ def test_coverage_mixes_the_focus_and_edm_grids():
             assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5, dim),
                                time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5 * math.sqrt(dim / 2),
                                          coverage=COVERAGE if many else 0.0,
-                                         uniform_share=0.0 if many else UNIFORM_SHARE))
+                                         uniform_share=UNIFORM_SHARE))
     for bad in ({"coverage": 1.5}, {"uniform_share": -0.1}, {"coverage": 0.6, "uniform_share": 0.6}):
         with pytest.raises(SolverError, match="coverage|uniform_share"):
             solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, **bad)

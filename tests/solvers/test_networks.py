@@ -43,7 +43,7 @@ def test_default_converges_on_each_shipped_network(network):
     1.4–1.9). Not yet the design order 5 that exact scores show by 100 steps: a network's oscillations in λ
     are resolved only from a few hundred steps."""
     ours = _errors(network)
-    focus_only = _errors(network, coverage=0.0)
+    focus_only = _errors(network, coverage=0.0, uniform_share=0.0)
     slope = -float(np.polyfit(np.log(STEPS), np.log(ours), 1)[0])
     print(network[0], ["%.1e" % e for e in ours], f"slope {slope:.2f}; focus grid alone",
           ["%.1e" % e for e in focus_only])
