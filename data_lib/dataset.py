@@ -145,6 +145,23 @@ class Dataset:
         mean = total / n
         return math.sqrt(max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
 
+    def train_covariance(self, chunk: int = 256) -> Tensor:
+        """The (D, D) covariance of the training samples, flattened (float64 sums over chunks), D = prod(event_shape);
+        computed once per data set (training's evaluations ask for it again)."""
+        cached = self.__dict__.get("_train_covariance")
+        if cached is not None:
+            return cached
+        d = math.prod(self.event_shape)
+        total, outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for start in range(0, len(self.train), chunk):
+            x = self.decode(self.train[start:start + chunk]).double().flatten(1)
+            total += x.sum(0)
+            outer += x.T @ x
+        n = len(self.train)
+        mean = total / n
+        self.__dict__["_train_covariance"] = (outer - n * torch.outer(mean, mean)) / max(n - 1, 1)
+        return self.__dict__["_train_covariance"]
+
     @property
     def event_shape(self) -> tuple[int, ...]:
         """The shape of one sample, e.g. (2,) for the toy sets, (1, 8, 8) for digits."""

@@ -41,6 +41,10 @@ class LikelihoodConfig:
     method: str = "dopri5"      # torchdiffeq method: adaptive (dopri5, ...) or fixed-grid (rk4, midpoint, euler) with steps,
                                 # or multistep (the exponential integrator, steps + 1 NFE; 79 steps: ~1e-3 nats)
     steps: Optional[int] = None  # fixed-grid and multistep steps: the NFE is known in advance (rk4: 4 per step)
+    refine: Optional[float] = None  # multistep, exact divergence: solve again, at 4x the steps, the points whose
+                                # error estimate exceeds this many nats (e.g. 0.01); null: the fixed budget alone
+    control_variate: bool = False   # multistep, Hutchinson: add the trace of the training data's Gaussian flow
+                                # exactly and estimate only the rest (lower standard error on images)
 
     def validate(self) -> None:
         """Refuse settings that cannot give a likelihood, before any work (messages name the ``likelihood.`` key)."""
@@ -59,11 +63,46 @@ class LikelihoodConfig:
                 f"must be given for the fixed-budget method {self.method} (its NFE is then known in advance)")
         require(self.method not in ADAPTIVE_METHODS or self.steps is None, "likelihood.steps", self.steps,
                 f"must be null for the adaptive method {self.method} (rtol/atol set its steps)")
+        require(self.refine is None or finite_positive(self.refine), "likelihood.refine", self.refine,
+                "must be a positive error estimate in nats (e.g. 0.01) or null")
+        require(self.refine is None or self.method == MULTISTEP, "likelihood.refine", self.refine,
+                f"needs likelihood.method=multistep (its per-point error estimate), not {self.method}; or drop it")
+        require(self.refine is None or self.divergence != "hutchinson", "likelihood.refine", self.refine,
+                "needs the exact divergence (with Hutchinson probes the re-solved points would depend on the "
+                "probes); set likelihood.divergence=exact, or drop it")
+        require(not self.control_variate or (self.method == MULTISTEP and self.divergence != "exact"),
+                "likelihood.control_variate", self.control_variate,
+                "is a control variate of Hutchinson's estimate in likelihood.method=multistep; set those "
+                "(likelihood.divergence=hutchinson), or drop it")
+
+    def divergence_for(self, data: Dataset) -> str:
+        """``divergence`` for ``data``: "auto" resolved by the data's dimension; refine and control_variate checked
+        against the result (the dimension is known only once the data are loaded)."""
+        divergence = self.divergence
+        if divergence == "auto":
+            divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+        require(self.refine is None or divergence == "exact", "likelihood.refine", self.refine,
+                f"needs the exact divergence, but likelihood.divergence=auto is Hutchinson's on {data.name}'s "
+                f"{math.prod(data.event_shape)} dimensions; set likelihood.divergence=exact, or drop it")
+        require(not self.control_variate or divergence == "hutchinson", "likelihood.control_variate",
+                self.control_variate, f"needs Hutchinson's estimate, but likelihood.divergence=auto is exact on "
+                f"{data.name}'s {math.prod(data.event_shape)} dimensions; set likelihood.divergence=hutchinson, "
+                "or drop it")
+        return divergence
+
+    def options_for(self, data: Dataset) -> dict[str, Any]:
+        """The ``solvers.log_likelihood`` options for ``data``: divergence resolved (:meth:`divergence_for`),
+        and with ``control_variate`` the training data's covariance."""
+        options = {**self.solver_options(), "divergence": self.divergence_for(data)}
+        if self.control_variate:
+            options["control_covariance"] = data.train_covariance()
+        return options
 
     def solver_options(self) -> dict[str, Any]:
         """The ``solvers.log_likelihood`` options these settings stand for (``divergence`` still possibly "auto")."""
         return {"eps": self.eps, "rtol": self.rtol, "atol": self.atol, "divergence": self.divergence,
-                "probes": self.probes, "method": self.method, "steps": self.steps}
+                "probes": self.probes, "method": self.method, "steps": self.steps,
+                **({"refine": self.refine} if self.refine is not None else {})}
 
 
 def scored_points(data: Dataset, x: Tensor, seed: int) -> Tensor:
@@ -129,7 +168,7 @@ def held_out_likelihood(sde, score_fn, data: Dataset, config: LikelihoodConfig, 
     """The ODE likelihood of ``config.n_eval`` held-out points of ``data``, with KL against the exact density when known."""
     config.validate()
     x = data.test_points(config.n_eval).to(device=device, dtype=dtype)
-    options = config.solver_options()
+    options = config.options_for(data)
     lik, points = data_log_likelihood(sde, score_fn, data, x, seed, divergence=options.pop("divergence"),
                                       progress=progress, **options)
     nll = -lik.logp.double()

@@ -41,6 +41,7 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
     likelihood = likelihood_config(cfg)
     torch.manual_seed(cfg.seed)   # the network's initialisation (and dropout) draw from the global RNG
     data = load_data(cfg.data, cfg.seed)
+    likelihood.divergence_for(data)   # likelihood.divergence=auto against refine/control_variate, before training
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
     model = build_score_model(build_sde(cfg.sde), cfg.model.kind, data.event_shape,
                               parameterization=cfg.model.parameterization, time_input=cfg.model.time_input,

@@ -9,7 +9,6 @@ held-out digits, and for class-conditional samples the share it assigns to their
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core_lib import UserError, distributed
 from data_lib import Dataset
-from evaluation import (EXACT_DIVERGENCE_MAX_DIM, HeldOutLikelihood, LikelihoodConfig, RunOutput, class_accuracy,
+from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, class_accuracy,
                         frechet_distance, held_out_likelihood, load_digits_classifier, log_likelihood_on_ranks,
                         sample_on_ranks, sample_quality, save_samples, save_trajectories, sliced_wasserstein)
 from solvers.guidance import GuidanceWarning
@@ -185,6 +184,8 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     device, dtype = torch.device(cfg.device), dtype_of(cfg)
     model = resolve_model(cfg, overridden, device)
     tc = cfg.task
+    if tc.likelihood and model.data is not None:   # likelihood.divergence=auto against refine/control_variate
+        likelihood_config(cfg).divergence_for(model.data)
     guidance = resolve_guidance(cfg, model, tc.n_samples, device)
     if guidance.warning:
         out.say(guidance.warning)
@@ -232,9 +233,7 @@ def conditional_likelihood(model: ResolvedModel, held_out: HeldOutLikelihood, co
     """
     data = model.data
     y = data.test_labels[:held_out.n_eval]
-    options = config.solver_options()
-    if options["divergence"] == "auto":
-        options["divergence"] = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+    options = config.options_for(data)
     lik = log_likelihood_on_ranks(model.sde, model.score_fn, held_out.points, seed=seed, levels=data.levels,
                                   data_range=data.data_range, progress=progress,
                                   cond={"y": y.to(device)}, **options)

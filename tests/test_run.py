@@ -220,6 +220,9 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
     (["likelihood.method=multistep"],
      "error: likelihood.steps: must be given for the fixed-budget method multistep"),
     (["data=array", "data.path=/nonexistent.npy", "ckpt=exact"], "/nonexistent.npy"),
+    (["likelihood.refine=0.01"], "error: likelihood.refine: needs likelihood.method=multistep"),
+    (["ckpt=exact", "likelihood.method=multistep", "likelihood.steps=10", "likelihood.control_variate=true"],
+     "error: likelihood.control_variate: needs Hutchinson's estimate, but likelihood.divergence=auto is exact"),
 ])
 def test_cli_bad_input_fails_clearly_and_writes_no_result(tmp_path, args, message):
     out = tmp_path / "run"

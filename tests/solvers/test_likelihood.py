@@ -237,3 +237,58 @@ def test_the_likelihood_settings_take_the_multistep_budget():
     for bad in (LikelihoodConfig(method="multistep"), LikelihoodConfig(method="dopri5", steps=10)):
         with pytest.raises(UserError, match="likelihood.steps"):
             bad.validate()
+
+
+def test_refine_and_the_control_variate_reach_the_solver_from_the_settings():
+    """``likelihood.refine`` re-solves the flagged points at REFINE_FACTOR × the steps (a threshold below every
+    estimate flags them all, and their log p is then the finer solve's); ``likelihood.control_variate`` hands the
+    training data's covariance to Hutchinson's estimate, whose mean stays the exact divergence's."""
+    import dataclasses
+    from data_lib import load_dataset
+    from evaluation import held_out_likelihood
+    from solvers.likelihood import REFINE_FACTOR
+    ring = load_dataset("ring", n_train=500, n_test=40)
+    sde = VPSDE()
+    score = MixtureScore(sde, ring.mixture)
+    base = LikelihoodConfig(n_eval=40, method="multistep", steps=12, divergence="exact")
+    run = lambda config: held_out_likelihood(sde, score, ring, config, 0, "cpu", dtype=torch.float64).result
+    refined = run(dataclasses.replace(base, refine=1e-12))
+    finer = run(dataclasses.replace(base, steps=12 * REFINE_FACTOR))
+    assert refined.nfe_per_point.tolist() == [13 + finer.nfe] * 40
+    torch.testing.assert_close(refined.logp, finer.logp, rtol=0, atol=1e-9)
+    assert (refined.logp - run(base).logp).abs().max() > 1e-4   # and the refinement did change them
+
+    mix = load_dataset("mix16d", n_train=2000, n_test=100)
+    cov = mix.train_covariance()
+    flat = mix.train.double().flatten(1)
+    torch.testing.assert_close(cov, torch.cov(flat.T), rtol=1e-9, atol=1e-12)
+    sde = VPSDE()
+    score = MixtureScore(sde, mix.mixture)
+    exact = held_out_likelihood(sde, score, mix, LikelihoodConfig(n_eval=100, method="multistep", steps=20,
+                                                                   divergence="exact"), 0, "cpu", torch.float64)
+    hutch = LikelihoodConfig(n_eval=100, method="multistep", steps=20, divergence="hutchinson", probes=8)
+    with_cv = held_out_likelihood(sde, score, mix, dataclasses.replace(hutch, control_variate=True), 0, "cpu",
+                                  torch.float64)
+    diff = with_cv.result.logp - exact.result.logp
+    assert diff.mean().abs() < 4 * diff.std() / 10 + 1e-12, (diff.mean(), diff.std())
+    assert with_cv.result.logp_stderr.max() > 0
+
+
+def test_refine_and_control_variate_settings_are_checked_before_any_work():
+    """Each mismatch is one UserError naming the ``likelihood.`` key; "auto" is checked once the data's dimension
+    is known."""
+    from data_lib import load_dataset
+    bad = {"likelihood.refine": [LikelihoodConfig(refine=0.01),                       # dopri5 has no estimate
+                                 LikelihoodConfig(method="multistep", steps=10, refine=-1.0),
+                                 LikelihoodConfig(method="multistep", steps=10, refine=0.01, divergence="hutchinson")],
+           "likelihood.control_variate": [LikelihoodConfig(control_variate=True),
+                                          LikelihoodConfig(method="multistep", steps=10, control_variate=True,
+                                                           divergence="exact")]}
+    for key, configs in bad.items():
+        for config in configs:
+            with pytest.raises(UserError, match=key.replace(".", r"\.")):
+                config.validate()
+    ring = load_dataset("ring", n_train=20, n_test=4)   # 2 dimensions: "auto" is the exact divergence
+    LikelihoodConfig(method="multistep", steps=10, refine=0.01).divergence_for(ring)
+    with pytest.raises(UserError, match="likelihood.control_variate.*hutchinson"):
+        LikelihoodConfig(method="multistep", steps=10, control_variate=True).divergence_for(ring)
