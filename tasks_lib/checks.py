@@ -157,6 +157,12 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
         build_options(TASK_SCHEMAS[name], task, f"task={name}", UserError)
     if name not in ("sample", "inpaint") or name == "sample" and cfg.task.likelihood:
         likelihood_config(cfg).validate()
+    if name == "compare":
+        for key in ("refine", "control_variate"):
+            if cfg.likelihood[key] not in (None, False):
+                raise UserError(f"likelihood.{key}={cfg.likelihood[key]} does not apply to task=compare, whose NLL "
+                                "column runs each solver's own integrator at its budget; use it with task=likelihood, "
+                                "or drop it.")
     check_guidance(cfg)
     check_labels_setup(cfg)
     if name == "export":
