@@ -74,7 +74,14 @@ def _composition_error(err: Exception) -> str:
         return f"{what}; available: {', '.join(options)}."
     cause = err.__cause__ or err
     key = getattr(cause, "full_key", None)
-    what = str(cause).splitlines()[0]
+    lines = str(cause).splitlines()
+    what = lines[0]
+    inside = re.search(r"full_key: (\S+)", str(cause))
+    if key is None and inside and len(lines) > 1:   # raised inside a config group (an experiment preset): the
+        key, what = inside[1], lines[1].strip()   # detail is on the message's second line
+        where = re.match(r"In '([^']+)'", lines[0])
+        if where:
+            what += f" (set by {where[1]}, which may be written for another task)"
     return f"{key}: {what}; `python run.py <your overrides> --cfg job` shows the settings." if key else what
 
 

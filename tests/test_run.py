@@ -221,6 +221,8 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
      "error: likelihood.steps: must be given for the fixed-budget method multistep"),
     (["data=array", "data.path=/nonexistent.npy", "ckpt=exact"], "/nonexistent.npy"),
     (["likelihood.refine=0.01"], "error: likelihood.refine: needs likelihood.method=multistep"),
+    (["experiment=digits", "task=likelihood"],
+     "error: task.steps: Key 'steps' not in 'LikelihoodTask' (set by experiment/digits"),
     (["task=compare", "likelihood.method=multistep", "likelihood.steps=10", "likelihood.refine=0.01"],
      "error: likelihood.refine=0.01 does not apply to task=compare"),
     (["ckpt=exact", "likelihood.method=multistep", "likelihood.steps=10", "likelihood.control_variate=true"],
