@@ -78,9 +78,7 @@ class LikelihoodConfig:
     def divergence_for(self, data: Dataset) -> str:
         """``divergence`` for ``data``: "auto" resolved by the data's dimension; refine and control_variate checked
         against the result (the dimension is known only once the data are loaded)."""
-        divergence = self.divergence
-        if divergence == "auto":
-            divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+        divergence = _resolve_divergence(self.divergence, data)
         require(self.refine is None or divergence == "exact", "likelihood.refine", self.refine,
                 f"needs the exact divergence, but likelihood.divergence=auto is Hutchinson's on {data.name}'s "
                 f"{math.prod(data.event_shape)} dimensions; set likelihood.divergence=exact, or drop it")
@@ -105,6 +103,13 @@ class LikelihoodConfig:
                 **({"refine": self.refine} if self.refine is not None else {})}
 
 
+def _resolve_divergence(divergence: str, data: Dataset) -> str:
+    """``divergence``, with "auto" the exact divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions, Hutchinson's above."""
+    if divergence != "auto":
+        return divergence
+    return "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+
+
 def scored_points(data: Dataset, x: Tensor, seed: int) -> Tensor:
     """The points a likelihood of ``data`` is computed at: x itself, or x dequantised (seeded) if the data are discrete."""
     if data.levels is None:
@@ -122,8 +127,7 @@ def data_log_likelihood(sde, score_fn, data: Dataset, x: Tensor, seed: int, dive
     ``divergence="auto"`` is the exact divergence up to :data:`EXACT_DIVERGENCE_MAX_DIM` dimensions
     (D VJPs per step, vectorised) and Hutchinson's estimator above. Returns the LikelihoodResult and the points actually scored.
     """
-    if divergence == "auto":
-        divergence = "exact" if math.prod(data.event_shape) <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
+    divergence = _resolve_divergence(divergence, data)
     x = scored_points(data, x, seed)   # all of them on every rank: the dequantisation noise is drawn for the batch
     lik = log_likelihood_on_ranks(sde, score_fn, x, seed=seed, levels=data.levels, data_range=data.data_range,
                                   divergence=divergence, **options)
