@@ -21,9 +21,13 @@ a fifth to a third of a float64 evaluation saved on one core).
 
 The peers' sweep (~220 settings per cell) is ranked on the first 128 samples and its best 8 settings
 are run on all samples (``best_peer_screened``; a problem with no more than 128 samples is ranked on all of
-them, and that ranking is the answer). peers.md gives each winner's place in its screening: the evidence
-for SCREEN and SHORTLIST. Each problem's exact flow is computed once and shared by its cells and its
-convergence slopes.
+them, and that ranking is the answer). A ring network's sweep is ranked with a float32 copy of the network
+(``Posed.screen_denoiser``); its shortlist runs in float64 as everything else. Against a float64 ranking of the
+whole sweep the top 8 were the same settings in the same order, every error within 3e-4 relative, on
+``ring_vp.pt`` at 20 and 50 NFE and ``ring_subvp.pt`` at 10 (and over diffusers' settings alone at 8, 30 and 100,
+and 5 and 50: within 1e-3); the screening cost 25–60 % less CPU. peers.md gives each winner's place in its
+screening: the evidence for SCREEN and SHORTLIST. Each problem's exact flow is computed once and shared by its
+cells and its convergence slopes.
 
 The work is split into jobs (a problem's exact flow; one cell, i.e. one problem at one budget; a network's
 convergence slopes) and run by ``--workers`` processes at one thread each: the exact flows first, then
@@ -33,7 +37,8 @@ the number of workers (tests/test_peer_samplers.py). The digits row waits for ev
 winning settings it sweeps. peers.md ends with each problem's run time (the seconds of its jobs, summed
 over the workers) and the wall time of the whole run.
 
-Writes ``peers.md``, ``peers.png`` and ``peers.json`` (every cell as data) to ``benchmarks/results/``,
+Writes ``peers.md``, ``peers.png``, ``peers.json`` (every cell as data) and ``peers_screens.json`` (every
+setting's error in each cell's screening, and ours on the same samples) to ``benchmarks/results/``,
 or to ``--out``; the tables are rewritten as each problem completes. From the repository root, with the
 peers installed (README, "Benchmarks")::
 
@@ -46,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import math
@@ -102,6 +108,9 @@ class Posed:
     winners_only: bool = False
     #: the data scale the solve assumes, the model's own (``score`` may be a float32 network behind a cast)
     sigma_data: float = 1.0
+    #: the denoiser the peers' sweep is ranked with (None: the problem's own); a float32 copy of a ring network,
+    #: whose rounding (~1e-7) is far below the errors ranked, at half a float64 evaluation's cost
+    screen_denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def alpha(self, t: float) -> float:
         return float(self.sde.log_mean_coeff(torch.tensor(t, dtype=F64)).exp())
@@ -141,13 +150,15 @@ def share_time_embedding(score) -> None:
         net.time_embed = _SharedTimeEmbedding(net.time_embed)
 
 
-def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
-         dtype: torch.dtype = F64, **options) -> Posed:
-    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``;
-    the solvers' state stays float64, ours as the peers')."""
+def _cast(score, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``score`` run in ``dtype`` on float64 states, its output float64."""
+    if dtype == F64:
+        return score
+    return lambda x, t: score(x.to(dtype), t.to(dtype)).to(F64)
 
-    def cast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return score(x.to(dtype), t.to(dtype)).to(F64)
+
+def _denoiser(sde: SDE, score) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """D(x̃, σ) = x̂₀ from (sde, score): x = α x̃ at the t where σ = s/α, x̂₀ = (x + s² ∇log p_t(x))/α."""
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = sde.t_from_half_log_snr(-sigma.log())
@@ -155,12 +166,24 @@ def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...],
         alpha = sde.log_mean_coeff(t).exp().view(shape)
         std = sde.marginal_std(t).view(shape)
         xt = alpha * x
-        return (xt + std**2 * cast(xt, t)) / alpha
+        return (xt + std**2 * score(xt, t)) / alpha
 
+    return denoiser
+
+
+def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
+         dtype: torch.dtype = F64, screen_dtype: torch.dtype | None = None, **options) -> Posed:
+    """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``;
+    the solvers' state stays float64, ours as the peers'). ``screen_dtype``: the peers' sweep is ranked with a
+    copy of the network (an ``nn.Module``) in that precision."""
+    cast = _cast(score, dtype)
+    screen = None
+    if screen_dtype is not None and screen_dtype != dtype:
+        screen = _denoiser(sde, _cast(copy.deepcopy(score).to(screen_dtype), screen_dtype))
     sigma_max, sigma_min = (math.exp(-half_log_snr_at(sde, t)) for t in (sde.T, eps))   # σ = e^(−λ)
     z = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, denoiser), sde,
-                 score if dtype == F64 else cast, eps, sigma_data=resolve_sigma_data(score, None), **options)
+    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, _denoiser(sde, cast)), sde, cast, eps,
+                 sigma_data=resolve_sigma_data(score, None), screen_denoiser=screen, **options)
 
 
 def problems() -> list[Posed]:
@@ -177,7 +200,8 @@ def problems() -> list[Posed]:
         model = load_checkpoint(pretrained_path("ring", name))
         score = model.score_fn.double()
         share_time_embedding(score)
-        out.append(pose(f"ring_{name}.pt", model.sde, score, model.sde.default_eps, N_NETWORK, (2,)))
+        out.append(pose(f"ring_{name}.pt", model.sde, score, model.sde.default_eps, N_NETWORK, (2,),
+                        screen_dtype=torch.float32))
     # The digits U-Net costs ~0.6 s per float64 evaluation of 128 samples on one core: it runs in float32
     # (its flow to rtol 1e-6, far below the errors measured) on fewer samples, against the winning peers.
     model = load_checkpoint(pretrained_path("digits", "vp"))
@@ -197,13 +221,15 @@ def small_problems(n_samples: int = 16) -> list[Posed]:
 
 
 def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, reference: torch.Tensor,
-                       settings: list[PeerSetting], screen_rank: list[int] | None = None):
+                       settings: list[PeerSetting], screen_rank: list[int] | None = None,
+                       screen_errors: dict[str, float] | None = None):
     """``best_peer`` over ``settings``, ranked first on ``sub``, the first SCREEN samples (a network in
-    float64 costs ~0.1 s per evaluation of 1000 points, and the sweep has ~220 settings), then the best
+    float64 costs ~0.05 s per evaluation of 1000 points, and the sweep has ~220 settings), then the best
     SHORTLIST of them run on all samples. (error, setting, NFE) on all samples. ``sub`` is made once per
     problem, so that dpm_adaptive's tolerance sweep, cached per problem object, runs once. When ``sub``
     holds every sample the ranking already is the answer, and nothing is run twice. ``screen_rank``, if a
-    list, receives the winner's place in the screening (1: first), the evidence for SCREEN and SHORTLIST."""
+    list, receives the winner's place in the screening (1: first), the evidence for SCREEN and SHORTLIST;
+    ``screen_errors``, if a dict, every setting's error in the screening by label (the settings that ran)."""
     ranked = []
     for setting in settings:
         try:
@@ -212,6 +238,8 @@ def best_peer_screened(problem: SigmaProblem, sub: SigmaProblem, budget: int, re
             continue
         ranked.append((error, nfe, setting))
     ranked.sort(key=lambda r: r[0])
+    if screen_errors is not None:
+        screen_errors.update((setting.label, error) for error, _, setting in ranked)
     if sub.x_start.shape[0] >= problem.x_start.shape[0]:
         if not ranked:
             raise RuntimeError(f"no peer setting ran within {budget} NFE")
@@ -234,12 +262,19 @@ def winning_settings(results: dict) -> list[PeerSetting]:
 
 
 def cell(posed: Posed, sub: SigmaProblem, budget: int, reference: torch.Tensor, settings: list[PeerSetting],
-         screen_rank: list[int] | None = None) -> tuple[float, float, str, int]:
+         screen_rank: list[int] | None = None, screen: dict | None = None) -> tuple[float, float, str, int]:
     """One cell: (our error, the best peer's error, its setting's label, its NFE) at ``budget``; ``screen_rank``
-    as in ``best_peer_screened``."""
+    as in ``best_peer_screened``. ``screen``, if a dict, receives the errors on the screening's samples: ours
+    ("ours") and every setting's ("peers", by label)."""
     ours, nfe = posed.ours(budget)
     assert nfe == budget, (nfe, budget)
-    peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference, settings, screen_rank)
+    peer_errors = {}
+    peer_err, setting, peer_nfe = best_peer_screened(posed.problem, sub, budget, reference, settings, screen_rank,
+                                                     peer_errors)
+    if screen is not None:
+        # each sample's solve is independent of the others', so our first samples are the screening's
+        n = sub.x_start.shape[0]
+        screen.update(ours=rms_distance(ours[:n], reference[:n]), peers=peer_errors)
     return rms_distance(ours, reference), peer_err, setting.label, peer_nfe
 
 
@@ -273,7 +308,8 @@ _WORKER: dict = {}
 def _start_worker(factory: Callable[[], list[Posed]], names: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
     posed = {p.problem.name: p for p in factory() if p.problem.name in names}
-    subs = {name: dataclasses.replace(p.problem, x_start=p.problem.x_start[:SCREEN]) for name, p in posed.items()}
+    subs = {name: dataclasses.replace(p.problem, x_start=p.problem.x_start[:SCREEN],
+                                      denoiser=p.screen_denoiser or p.problem.denoiser) for name, p in posed.items()}
     _WORKER.clear()
     _WORKER.update(posed=posed, subs=subs)
 
@@ -289,8 +325,8 @@ def _run_job(job: Job, reference: torch.Tensor | None, labels: tuple[str, ...] |
         out = convergence_slope(posed, reference=reference)
     else:
         settings = peer_settings() if labels is None else [s for s in peer_settings() if s.label in labels]
-        rank = []
-        out = cell(posed, _WORKER["subs"][job.problem], job.budget, reference, settings, rank), rank[0]
+        rank, screen = [], {}
+        out = cell(posed, _WORKER["subs"][job.problem], job.budget, reference, settings, rank, screen), rank[0], screen
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -341,6 +377,8 @@ class Measured:
     cpu: dict
     wall: float
     screen_ranks: dict = dataclasses.field(default_factory=dict)
+    #: by (problem, budget): the errors on the screening's samples, ours ("ours") and every peer setting's ("peers")
+    screens: dict = dataclasses.field(default_factory=dict)
 
 
 def measure(names: list[str], workers: int = 2, budgets: tuple[int, ...] = BUDGETS,
@@ -400,7 +438,8 @@ def measure(names: list[str], workers: int = 2, budgets: tuple[int, ...] = BUDGE
                     slopes[job.problem] = result
                     print(_slope_row(job.problem, *result) + f"  [{spent:.0f} s, {spent_cpu:.0f} s CPU]", flush=True)
                 else:
-                    result, measured.screen_ranks[job.problem, job.budget] = result
+                    result, measured.screen_ranks[job.problem, job.budget], measured.screens[job.problem, job.budget] \
+                        = result
                     cells[job.problem][job.budget] = result
                     err, peer_err, label, peer_nfe = result
                     print(f"  {job.problem} {job.budget:3d} NFE: ours {err:.2e}  best peer {peer_err:.2e} "
@@ -453,6 +492,50 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total wall time {measured.wall / 60:.1f} min on {args.workers} worker(s); written to {out / 'peers.md'}")
 
 
+def fixed_settings(screens: dict, name: str, budgets: tuple[int, ...] = BUDGETS) -> dict | None:
+    """One peer setting held at every budget, as a user runs a sampler, judged as our default is: on ``name``'s
+    screening samples, the setting (among those that ran at every budget) whose worst budget against ours is the
+    best, i.e. the smallest largest ratio it ÷ ours. A dict: its label; that ratio ("its_worst"); our largest
+    ratio to it ("worst") and at which budget; the budgets it is ahead of us at; how many settings ran at every
+    budget; and for comparison our largest ratio to the best setting per budget on the same samples. None when
+    a budget's screening is missing."""
+    if any((name, b) not in screens for b in budgets):
+        return None
+    cells = [screens[name, b] for b in budgets]
+    common = set.intersection(*(set(c["peers"]) for c in cells))
+    if not common:
+        return None
+    ratios = {label: [c["ours"] / c["peers"][label] for c in cells] for label in common}   # ours ÷ it
+    label = min(sorted(ratios), key=lambda k: max(1 / r for r in ratios[k]))
+    worst = max(ratios[label])
+    per_budget = [c["ours"] / min(c["peers"].values()) for c in cells]
+    return {"setting": label, "its_worst": max(1 / r for r in ratios[label]), "worst": worst,
+            "at": budgets[ratios[label].index(worst)], "ahead": [b for b, r in zip(budgets, ratios[label]) if r > 1],
+            "settings": len(common), "per_budget_worst": max(per_budget)}
+
+
+def screens_json(screens: dict, names: list[str]) -> str:
+    """The screenings of ``names`` as JSON text, one line per problem and budget: the setting labels once per
+    problem, then per budget our error and every setting's in that order (null: it did not run), to 4 digits."""
+
+    def dumps(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    def digits(error: float | None) -> float | None:
+        return None if error is None else float(f"{error:.4g}")
+
+    blocks = []
+    for name in names:
+        if not all((name, b) in screens for b in BUDGETS):
+            continue
+        labels = sorted(set().union(*(screens[name, b]["peers"] for b in BUDGETS)))
+        rows = [f'   "{b}": ' + dumps({"ours": digits(screens[name, b]["ours"]),
+                                       "peers": [digits(screens[name, b]["peers"].get(k)) for k in labels]})
+                for b in BUDGETS]
+        blocks.append(f'  {dumps(name)}: {{\n   "settings": {dumps(labels)},\n' + ",\n".join(rows) + "\n  }")
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
+
+
 def _slope_row(name: str, errs: list[float], slope: float) -> str:
     return f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + f" | {slope:.2f} |"
 
@@ -484,6 +567,15 @@ def write(measured: Measured, posed: list[Posed], out: pathlib.Path = RESULTS, w
                  f"first in {places.count(1)} of {len(places)} cells, within the first 3 in "
                  f"{sum(r <= 3 for r in places)}, at worst {places[-1]} (the best {SHORTLIST} are run on all "
                  f"samples).\n\n" if places else "")
+    fixed = ["| problem | the best single peer setting | it ÷ ours, its worst budget | ours ÷ it, our worst (at NFE) "
+             "| budgets it is ahead | settings compared | ours ÷ the best per budget, worst |",
+             "|---|---|---|---|---|---|---|"]
+    for name in results:
+        f = fixed_settings(measured.screens, name)
+        if f is not None:
+            ahead = ", ".join(map(str, f["ahead"])) or "none"
+            fixed.append(f"| {name} | {f['setting']} | {f['its_worst']:.2f} | {f['worst']:.2f} ({f['at']}) | "
+                         f"{ahead} | {f['settings']} | {f['per_budget_worst']:.2f} |")
     slope_rows = [_slope_row(n, *measured.slopes[n]) for n in names if n in measured.slopes]
     slopes = ["| problem | " + " | ".join(f"{n} steps" for n in SLOPE_STEPS) + " | slope |",
               "|---|---|---|---|---|---|"] + (slope_rows or ["| (not measured in this run) |"])
@@ -509,6 +601,12 @@ def write(measured: Measured, posed: list[Posed], out: pathlib.Path = RESULTS, w
             f"run on all). Spans: {spans}.\n\n"
             f"## Ratio: our default `multistep` ÷ the best peer (goal ≤ {GOAL}; worst cell {worst:.2f})\n\n"
             + "\n".join(ratio) + "\n\n## Every cell\n\n" + "\n".join(detail)
+            + f"\n\n## One peer setting at every budget\n\nA user runs one sampler setting at whatever budget; the "
+              f"table above takes the best of ~220 per cell. Here, on each problem's {SCREEN}-sample screening (all "
+              f"samples for the digits U-Net, over the settings that won elsewhere; the ring networks' peers with the "
+              f"float32 copy), the single peer setting judged as "
+              f"our default is, by its worst budget: the one whose largest ratio to ours over the eleven budgets is "
+              f"smallest:\n\n" + "\n".join(fixed)
             + "\n\n## Convergence of the default on the shipped networks (their own flow)\n\n" + "\n".join(slopes)
             + "\n\n## Run time\n\n" + screening + "Seconds of work per problem (its jobs, summed over the workers):\n\n"
             + "\n".join(timing)
@@ -518,6 +616,7 @@ def write(measured: Measured, posed: list[Posed], out: pathlib.Path = RESULTS, w
     # the cells as data: (ours, best peer, its setting, its NFE) per problem and budget
     cells = {name: {str(b): list(row) for b, row in rows.items()} for name, rows in results.items()}
     (out / "peers.json").write_text(json.dumps({"torch": torch.__version__, "cells": cells}, indent=1))
+    (out / "peers_screens.json").write_text(screens_json(measured.screens, list(results)))
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], results.items()):
         ax.loglog(BUDGETS, [rows[b][0] for b in BUDGETS], "o-", label="ours (multistep, defaults)")

@@ -6,6 +6,7 @@ imports torchvision, clip and wandb, so it is probed through ``k_diffusion_sampl
 the module itself uses, and skipped when that raises ImportError.
 """
 import functools
+import json
 import math
 import sys
 
@@ -197,6 +198,25 @@ def test_shared_time_embedding_equals_the_per_sample_evaluation():
     assert torch.equal(shared(x, several_t), full(x, several_t))
 
 
+def test_float32_screening_copy_leaves_the_float64_problem_alone():
+    model = load_checkpoint(pretrained_path("ring", "vp"))
+    score = model.score_fn.double()
+    posed = peers.pose("ring_vp.pt", model.sde, score, model.sde.default_eps, 32, (2,), screen_dtype=torch.float32)
+    # the screening runs a float32 copy; the problem itself, ours and the shortlist keep the float64 network
+    assert next(score.parameters()).dtype == F64
+    x, sigma = posed.problem.x_start, torch.full((32,), 0.5, dtype=F64)
+    exact, screened = posed.problem.denoiser(x, sigma), posed.screen_denoiser(x, sigma)
+    assert screened.dtype == F64 and not torch.equal(screened, exact)
+    assert torch.allclose(screened, exact, rtol=1e-5, atol=1e-5)
+    worker = peers._WORKER
+    try:
+        peers._start_worker(functools.partial(lambda p: [p], posed), ("ring_vp.pt",))
+        assert worker["subs"]["ring_vp.pt"].denoiser is posed.screen_denoiser
+        assert worker["subs"]["ring_vp.pt"].x_start.shape[0] == 32
+    finally:
+        worker.clear()
+
+
 def test_screening_on_every_sample_runs_each_setting_once():
     problem = ring_problem(8)
     reference = torch.zeros_like(problem.x_start)
@@ -227,7 +247,7 @@ def test_worker_pool_gives_the_cells_of_one_process():
     alone = peers.measure(names, 1, budgets, factory=factory, settings=labels)
     pooled = peers.measure(names, 2, budgets, factory=factory, settings=labels)
     assert pooled.cells == alone.cells and pooled.cells.keys() == set(names)
-    assert pooled.screen_ranks == alone.screen_ranks
+    assert pooled.screen_ranks == alone.screen_ranks and pooled.screens == alone.screens
     # each cell is our error and the best of the chosen settings against the problem's own flow
     first, second = posed
     reference = reference_flow(first.problem, rtol=first.reference_rtol)
@@ -235,9 +255,36 @@ def test_worker_pool_gives_the_cells_of_one_process():
         ours, peer_err, label, nfe = alone.cells[first.problem.name][budget]
         assert ours == rms_distance(first.ours(budget)[0], reference)
         assert label in labels and nfe <= budget
+        # 16 samples: the screening holds them all, and its best setting is the cell's
+        screen = alone.screens[first.problem.name, budget]
+        assert screen["ours"] == ours and min(screen["peers"].values()) == peer_err
+        assert screen["peers"][label] == peer_err and set(screen["peers"]) <= set(labels)
     # the winners_only problem swept only the settings that won a cell of the first
     winners = {row[2] for row in alone.cells[first.problem.name].values()}
     assert {row[2] for row in alone.cells[second.problem.name].values()} <= winners
+
+
+def test_fixed_setting_is_the_one_whose_worst_budget_is_best():
+    # ours 1.0 at both budgets. A is 2× better than ours at 5 and 2× worse at 8 (its worst: 2); B 1.25× better
+    # at 5 and 1.25× worse at 8 (its worst: 1.25, the best); D is worse at both; C did not run at 8 (too small a
+    # budget, or a failure) and is left out however good
+    screens = {("p", 5): {"ours": 1.0, "peers": {"A": 0.5, "B": 0.8, "C": 0.01, "D": 3.0}},
+               ("p", 8): {"ours": 1.0, "peers": {"A": 2.0, "B": 1.25, "D": 4.0}}}
+    f = peers.fixed_settings(screens, "p", (5, 8))
+    assert (f["setting"], f["ahead"], f["settings"], f["at"]) == ("B", [5], 3, 5)
+    assert f["its_worst"] == pytest.approx(1.25) and f["worst"] == pytest.approx(1.25)
+    # against the best per budget (C at 5, B at 8) our worst ratio is ours ÷ C's
+    assert f["per_budget_worst"] == pytest.approx(100.0)
+    assert peers.fixed_settings(screens, "p", (5, 8, 10)) is None
+
+
+def test_screens_json_keeps_every_setting_per_budget_with_null_where_it_did_not_run():
+    screens = {("p", b): {"ours": 1 / b, "peers": {"B": 2 / b, **({} if b == 5 else {"A": 0.123456789})}}
+               for b in peers.BUDGETS}
+    back = json.loads(peers.screens_json(screens, ["p", "not screened"]))
+    assert list(back) == ["p"] and back["p"]["settings"] == ["A", "B"]
+    assert back["p"]["5"] == {"ours": 0.2, "peers": [None, 0.4]}
+    assert back["p"]["100"] == {"ours": 0.01, "peers": [0.1235, 0.02]}
 
 
 @pytest.mark.parametrize("argv, message", [(["ring_ve.pt"], "--out"), (["--workers", "0"], "--workers"),
