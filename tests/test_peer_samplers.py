@@ -287,6 +287,26 @@ def test_screens_json_keeps_every_setting_per_budget_with_null_where_it_did_not_
     assert back["p"]["100"] == {"ours": 0.01, "peers": [0.1235, 0.02]}
 
 
+def test_outlier_summary_is_rms_median_and_the_worst_samples_share():
+    from benchmarks import peers_outliers
+    # 399 samples at distance 1 and one at 20: the worst 0.5 % (two samples) carry (400 + 1)/(399 + 400)
+    x = torch.zeros(400, 2, dtype=F64)
+    x[:, 0] = 1.0
+    x[7] = torch.tensor([12.0, 16.0], dtype=F64)
+    d = peers_outliers.distances(x, torch.zeros_like(x))
+    rms, median, share = peers_outliers.summary(d)
+    assert rms == pytest.approx(math.sqrt(799 / 400)) and median == 1.0
+    assert share == pytest.approx(401 / 799)
+
+
+def test_outliers_command_line_refuses_an_unknown_problem(capsys):
+    from benchmarks import peers_outliers
+    with pytest.raises(SystemExit) as exit_info:
+        peers_outliers.main(["nothing"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "the problems are" in err
+
+
 @pytest.mark.parametrize("argv, message", [(["ring_ve.pt"], "--out"), (["--workers", "0"], "--workers"),
                                            (["nothing", "--out", "unused"], "the problems are")])
 def test_peers_command_line_refuses_bad_input(argv, message, capsys, tmp_path):
