@@ -461,6 +461,16 @@ def measure(names: list[str], workers: int = 2, budgets: tuple[int, ...] = BUDGE
 # ----------------------------------------------------------------------------------------------------
 # The command line and the tables
 
+#: the packages the peers come from, and how to install them (README, "Benchmarks")
+PEER_PACKAGES = ("diffusers", "k-diffusion")
+INSTALL = 'pip install -e ".[bench]" && pip install --no-deps k-diffusion==0.1.1.post1'
+
+
+def missing_peers(settings: list[PeerSetting]) -> list[str]:
+    """The packages of PEER_PACKAGES none of whose samplers is among ``settings`` (not importable here)."""
+    return [package for package in PEER_PACKAGES if not any(s.peer.startswith(package + " ") for s in settings)]
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -484,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
               + "; ".join(every) + ".")
     if len(names) < len(every) and args.out is None:
         _fail("a run of some problems would overwrite benchmarks/results/peers.*: pass --out DIR for its tables.")
+    missing = missing_peers(peer_settings())
+    if missing:
+        _fail(f"the peers' package(s) {', '.join(missing)} cannot be imported; install them: {INSTALL}")
     out = RESULTS if args.out is None else args.out
     torch.set_num_threads(1)
     chosen = [p for p in posed if p.problem.name in names]

@@ -299,6 +299,20 @@ def test_outlier_summary_is_rms_median_and_the_worst_samples_share():
     assert share == pytest.approx(401 / 799)
 
 
+@pytest.mark.parametrize("module", ["peers", "peers_outliers"])
+def test_a_benchmark_without_the_peers_installed_says_how_to_install_them(module, monkeypatch, capsys, tmp_path):
+    from benchmarks import peers_outliers
+    bench = {"peers": peers, "peers_outliers": peers_outliers}[module]
+    # as if only diffusers could be imported, whatever is installed here
+    monkeypatch.setattr(bench, "peer_settings", lambda: [PeerSetting("diffusers UniPC", "any", 1, None)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["ring_ve.pt", "--out", str(tmp_path)] if module == "peers" else ["ring_ve.pt"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the peers' package(s) k-diffusion cannot be imported") and "pip install" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_outliers_command_line_refuses_an_unknown_problem(capsys):
     from benchmarks import peers_outliers
     with pytest.raises(SystemExit) as exit_info:
