@@ -74,7 +74,8 @@ def main(argv: list[str]) -> None:
     text = [f"# Which samples decide a cell: RMS against median\n\n`python benchmarks/peers_outliers.py`; torch "
             f"{torch.__version__}. Per cell, our default and the peer setting that won it in peers.md, rerun on "
             f"the same samples against the same exact flow; distances per sample. The RMS is the table's measure; "
-            f"the last column is the share of Σ distance² carried by the worst {WORST:.1%} of the samples.\n"]
+            f"the last column is the share of Σ distance² carried by the worst {WORST:.1%} of the samples (at least "
+            f"one: on the digits U-Net's 64, its worst sample).\n"]
     for posed in chosen:
         text += [f"## {posed.problem.name} ({posed.problem.x_start.shape[0]} samples)\n", *head,
                  *problem_rows(posed, cells[posed.problem.name]), ""]
