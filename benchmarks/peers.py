@@ -466,14 +466,17 @@ PEER_PACKAGES = ("diffusers", "k-diffusion")
 INSTALL = 'pip install -e ".[bench]" && pip install --no-deps k-diffusion==0.1.1.post1'
 
 
-def missing_peers(settings: list[PeerSetting]) -> list[str]:
-    """The packages of PEER_PACKAGES none of whose samplers is among ``settings`` (not importable here)."""
-    return [package for package in PEER_PACKAGES if not any(s.peer.startswith(package + " ") for s in settings)]
-
-
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """One ``error:`` line on stderr and exit 2 (bad input, found before any work)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def require_peers(settings: list[PeerSetting]) -> None:
+    """``fail`` unless every package of PEER_PACKAGES has samplers among ``settings`` (is importable here)."""
+    missing = [package for package in PEER_PACKAGES if not any(s.peer.startswith(package + " ") for s in settings)]
+    if missing:
+        fail(f"the peers' package(s) {', '.join(missing)} cannot be imported; install them: {INSTALL}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -485,18 +488,16 @@ def main(argv: list[str] | None = None) -> None:
                              "required when only some problems run)")
     args = parser.parse_args(argv)
     if args.workers < 1:
-        _fail(f"--workers must be at least 1, got {args.workers}.")
+        fail(f"--workers must be at least 1, got {args.workers}.")
     posed = problems()
     every = [p.problem.name for p in posed]
     names = [n for n in every if not args.prefixes or any(n.startswith(a) for a in args.prefixes)]
     if not names:
-        _fail(f"no problem's name starts with {', '.join(map(repr, args.prefixes))}; the problems are: "
+        fail(f"no problem's name starts with {', '.join(map(repr, args.prefixes))}; the problems are: "
               + "; ".join(every) + ".")
     if len(names) < len(every) and args.out is None:
-        _fail("a run of some problems would overwrite benchmarks/results/peers.*: pass --out DIR for its tables.")
-    missing = missing_peers(peer_settings())
-    if missing:
-        _fail(f"the peers' package(s) {', '.join(missing)} cannot be imported; install them: {INSTALL}")
+        fail("a run of some problems would overwrite benchmarks/results/peers.*: pass --out DIR for its tables.")
+    require_peers(peer_settings())
     out = RESULTS if args.out is None else args.out
     torch.set_num_threads(1)
     chosen = [p for p in posed if p.problem.name in names]
@@ -519,10 +520,11 @@ def fixed_settings(screens: dict, name: str, budgets: tuple[int, ...] = BUDGETS)
     if not common:
         return None
     ratios = {label: [c["ours"] / c["peers"][label] for c in cells] for label in common}   # ours ÷ it
-    label = min(sorted(ratios), key=lambda k: max(1 / r for r in ratios[k]))
+    its_worst = {label: max(1 / r for r in rs) for label, rs in ratios.items()}           # its largest it ÷ ours
+    label = min(sorted(ratios), key=its_worst.get)
     worst = max(ratios[label])
     per_budget = [c["ours"] / min(c["peers"].values()) for c in cells]
-    return {"setting": label, "its_worst": max(1 / r for r in ratios[label]), "worst": worst,
+    return {"setting": label, "its_worst": its_worst[label], "worst": worst,
             "at": budgets[ratios[label].index(worst)], "ahead": [b for b, r in zip(budgets, ratios[label]) if r > 1],
             "settings": len(common), "per_budget_worst": max(per_budget)}
 

@@ -22,7 +22,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.peer_samplers import peer_settings, reference_flow  # noqa: E402
-from benchmarks.peers import BUDGETS, INSTALL, RESULTS, missing_peers, problems  # noqa: E402
+from benchmarks.peers import BUDGETS, RESULTS, fail, problems, require_peers  # noqa: E402
 
 #: the worst share of samples whose part of the mean square is reported
 WORST = 0.005
@@ -54,21 +54,14 @@ def problem_rows(posed, cells: dict) -> list[str]:
     return rows
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     cells = json.loads((RESULTS / "peers.json").read_text())["cells"]
     chosen = [p for p in problems() if not argv or any(p.problem.name.startswith(a) for a in argv)]
     if not chosen:
-        _fail(f"no problem's name starts with {', '.join(map(repr, argv))}; the problems are: "
-              + "; ".join(p.problem.name for p in problems()) + ".")
-    missing = missing_peers(peer_settings())
-    if missing:
-        _fail(f"the peers' package(s) {', '.join(missing)} cannot be imported; install them: {INSTALL}")
+        fail(f"no problem's name starts with {', '.join(map(repr, argv))}; the problems are: "
+             + "; ".join(p.problem.name for p in problems()) + ".")
+    require_peers(peer_settings())
     head = ["| NFE | the cell's best peer | ours, RMS | peer, RMS | ratio | ours, median | peer, median | ratio | "
             f"worst {WORST:.1%} carry (ours / peer) |", "|---|---|---|---|---|---|---|---|---|"]
     text = [f"# Which samples decide a cell: RMS against median\n\n`python benchmarks/peers_outliers.py`; torch "
