@@ -115,6 +115,12 @@ class Posed:
     def alpha(self, t: float) -> float:
         return float(self.sde.log_mean_coeff(torch.tensor(t, dtype=F64)).exp())
 
+    def resampled(self, seed: int) -> "Posed":
+        """The same problem from another draw of starting noise (``pose`` draws the table's with seed 0)."""
+        start = self.problem.x_start
+        z = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        return dataclasses.replace(self, problem=dataclasses.replace(self.problem, x_start=self.problem.sigma_max * z))
+
     def ours(self, budget: int, **options) -> tuple[torch.Tensor, int]:
         """x̃ at σ_min from our ``multistep`` at ``budget`` steps, and its NFE."""
         z = self.alpha(self.sde.T) * self.problem.x_start

@@ -299,6 +299,32 @@ def test_outlier_summary_is_rms_median_and_the_worst_samples_share():
     assert share == pytest.approx(401 / 799)
 
 
+def test_bootstrap_interval_of_the_ratio_is_exact_for_proportional_errors_and_wide_when_one_sample_decides():
+    from benchmarks import peers_outliers
+    generator = torch.Generator().manual_seed(3)
+    peer = torch.rand(500, generator=generator, dtype=F64) + 0.5
+    assert peers_outliers.ratio_interval(2 * peer, peer) == pytest.approx((2.0, 2.0))
+    # ours equal to the peer but for one sample 30× off: the point ratio is ~1.9, and a redraw without that
+    # sample (probability ~37 %) gives 1, so the interval reaches 1 while its top stays above the point
+    ours = peer.clone()
+    ours[11] *= 30
+    point = ours.pow(2).mean().sqrt() / peer.pow(2).mean().sqrt()
+    low, high = peers_outliers.ratio_interval(ours, peer)
+    assert low == pytest.approx(1.0) and high > point > 1.5
+    assert peers_outliers.ratio_interval(ours, peer) == (low, high)        # seeded: the same interval again
+
+
+def test_held_out_samples_are_a_second_draw_of_the_same_problem():
+    posed = peers.small_problems(16)[0]
+    assert torch.equal(posed.resampled(0).problem.x_start, posed.problem.x_start)   # seed 0 is the table's draw
+    held = posed.resampled(1)
+    assert held.problem.x_start.shape == posed.problem.x_start.shape
+    assert not torch.allclose(held.problem.x_start, posed.problem.x_start)
+    assert torch.equal(held.problem.x_start, posed.resampled(1).problem.x_start)
+    assert (held.problem.sigma_max, held.problem.sigma_min, held.eps) == \
+           (posed.problem.sigma_max, posed.problem.sigma_min, posed.eps)
+
+
 @pytest.mark.parametrize("module", ["peers", "peers_outliers"])
 def test_a_benchmark_without_the_peers_installed_says_how_to_install_them(module, monkeypatch, capsys, tmp_path):
     from benchmarks import peers_outliers
