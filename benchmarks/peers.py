@@ -117,9 +117,8 @@ class Posed:
 
     def resampled(self, seed: int) -> "Posed":
         """The same problem from another draw of starting noise (``pose`` draws the table's with seed 0)."""
-        start = self.problem.x_start
-        z = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-        return dataclasses.replace(self, problem=dataclasses.replace(self.problem, x_start=self.problem.sigma_max * z))
+        start = starting_points(self.problem.sigma_max, self.problem.x_start.shape, seed)
+        return dataclasses.replace(self, problem=dataclasses.replace(self.problem, x_start=start))
 
     def ours(self, budget: int, **options) -> tuple[torch.Tensor, int]:
         """x̃ at σ_min from our ``multistep`` at ``budget`` steps, and its NFE."""
@@ -177,6 +176,11 @@ def _denoiser(sde: SDE, score) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return denoiser
 
 
+def starting_points(sigma_max: float, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x̃_start = σ_max z, z standard normal drawn from ``seed`` (float64)."""
+    return sigma_max * torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
 def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...], seed: int = 0,
          dtype: torch.dtype = F64, screen_dtype: torch.dtype | None = None, **options) -> Posed:
     """The σ-space problem of (sde, score) over [eps, T]: x̃_start = σ_max z, D from the score (run in ``dtype``;
@@ -187,8 +191,8 @@ def pose(name: str, sde: SDE, score, eps: float, n: int, event: tuple[int, ...],
     if screen_dtype is not None and screen_dtype != dtype:
         screen = _denoiser(sde, _cast(copy.deepcopy(score).to(screen_dtype), screen_dtype))
     sigma_max, sigma_min = (math.exp(-half_log_snr_at(sde, t)) for t in (sde.T, eps))   # σ = e^(−λ)
-    z = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return Posed(SigmaProblem(name, sigma_max, sigma_min, sigma_max * z, _denoiser(sde, cast)), sde, cast, eps,
+    start = starting_points(sigma_max, (n, *event), seed)
+    return Posed(SigmaProblem(name, sigma_max, sigma_min, start, _denoiser(sde, cast)), sde, cast, eps,
                  sigma_data=resolve_sigma_data(score, None), screen_denoiser=screen, **options)
 
 

@@ -27,7 +27,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.peer_samplers import peer_settings, reference_flow  # noqa: E402
+from benchmarks.peer_samplers import peer_settings, reference_flow, rms_distance  # noqa: E402
 from benchmarks.peers import BUDGETS, RESULTS, fail, problems, require_peers  # noqa: E402
 
 #: the worst share of samples whose part of the mean square is reported
@@ -76,8 +76,8 @@ def problem_rows(posed, cells: dict) -> tuple[list[str], list[float]]:
         d_peer = distances(setting.run(posed.problem, budget)[0], reference)
         ours, peer = summary(d_ours), summary(d_peer)
         low, high = ratio_interval(d_ours, d_peer)
-        held_ours = summary(distances(held.ours(budget)[0], held_reference))[0]
-        held_peer = summary(distances(setting.run(held.problem, budget)[0], held_reference))[0]
+        held_ours = rms_distance(held.ours(budget)[0], held_reference)
+        held_peer = rms_distance(setting.run(held.problem, budget)[0], held_reference)
         held_ratios.append(held_ours / held_peer)
         rows.append(f"| {budget} | {label} | {ours[0]:.2e} | {peer[0]:.2e} | {ours[0] / peer[0]:.2f} | "
                     f"{low:.2f}–{high:.2f} | {held_ours:.2e} | {held_peer:.2e} | {held_ratios[-1]:.2f} | "
