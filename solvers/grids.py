@@ -123,10 +123,13 @@ def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths:
 
 
 #: by default the focus grid mixes in UNIFORM_SHARE of the uniform-λ density at every budget, and from
-#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7)
+#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7) and
+#: widens its data side from FOCUS_WIDTH_DATA to FOCUS_WIDTH_DATA_MANY (§11)
 COVERAGE_FROM_STEPS = 40
 COVERAGE = 0.35
 UNIFORM_SHARE = 0.5
+FOCUS_WIDTH_DATA = 1.6
+FOCUS_WIDTH_DATA_MANY = 2.5
 
 
 @dataclasses.dataclass
@@ -137,7 +140,7 @@ class GridOptions:
     rho: float = 7.0                   # grid="edm": ρ
     focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data · √(D/2), D the data's dimension
     focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
-    focus_width_data: float = 1.6      # grid="focus": and towards the data
+    focus_width_data: Optional[float] = None   # grid="focus": and towards the data; None: 1.6, 2.5 from 40 steps
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
     uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5
@@ -148,7 +151,7 @@ class GridOptions:
             if value is not None and not 0 <= value <= 1:
                 raise SolverError(f"{name} must be in [0, 1] or None, got {value}.")
         if not all(math.isfinite(v) and v > 0
-                   for v in (self.rho, self.focus, self.focus_width_noise, self.focus_width_data)):
+                   for v in (self.rho, self.focus, self.focus_width_noise, self.focus_width_data) if v is not None):
             raise SolverError(f"rho, focus, focus_width_noise and focus_width_data must be finite and positive, got "
                               f"{self.rho}, {self.focus}, {self.focus_width_noise}, {self.focus_width_data}.")
         if self.grid == "user" and not self.times:
@@ -175,6 +178,8 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
     many = steps >= COVERAGE_FROM_STEPS
     coverage = options.coverage if options.coverage is not None else (COVERAGE if many else 0.0)
     uniform = options.uniform_share if options.uniform_share is not None else UNIFORM_SHARE
+    width_data = (options.focus_width_data if options.focus_width_data is not None
+                  else FOCUS_WIDTH_DATA_MANY if many else FOCUS_WIDTH_DATA)
     return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data * math.sqrt(dim / 2),
-                     focus_width=(options.focus_width_noise, options.focus_width_data), coverage=coverage,
+                     focus_width=(options.focus_width_noise, width_data), coverage=coverage,
                      uniform_share=uniform)

@@ -205,7 +205,8 @@ def test_third_order_step_matches_the_phi_function_formula():
 def test_coverage_mixes_the_focus_and_edm_grids():
     """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
     mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, with the focus scaled by √(D/2)."""
-    from solvers.grids import COVERAGE, COVERAGE_FROM_STEPS, UNIFORM_SHARE, GridOptions, solve_times
+    from solvers.grids import (COVERAGE, COVERAGE_FROM_STEPS, FOCUS_WIDTH_DATA, FOCUS_WIDTH_DATA_MANY, UNIFORM_SHARE,
+                               GridOptions, solve_times)
     sde = VPSDE()
     focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
     assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1e-12), focus, atol=1e-10)
@@ -226,8 +227,16 @@ def test_coverage_mixes_the_focus_and_edm_grids():
         for dim in (2, 64):
             assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5, dim),
                                time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5 * math.sqrt(dim / 2),
+                                         focus_width=(1.5, FOCUS_WIDTH_DATA_MANY if many else FOCUS_WIDTH_DATA),
                                          coverage=COVERAGE if many else 0.0,
                                          uniform_share=UNIFORM_SHARE))
+    # the data side widens from COVERAGE_FROM_STEPS steps, and a width given is kept at every budget
+    assert FOCUS_WIDTH_DATA_MANY > FOCUS_WIDTH_DATA
+    for steps in (COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
+        assert torch.equal(solve_times(GridOptions(focus_width_data=2.0), sde, 1e-3, steps, 20, 2.5),
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5, focus_width=(1.5, 2.0),
+                                     coverage=COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0,
+                                     uniform_share=UNIFORM_SHARE))
     for bad in ({"coverage": 1.5}, {"uniform_share": -0.1}, {"coverage": 0.6, "uniform_share": 0.6}):
         with pytest.raises(SolverError, match="coverage|uniform_share"):
             solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, **bad)
