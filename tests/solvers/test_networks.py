@@ -39,7 +39,7 @@ def _errors(network, **options) -> list[float]:
 
 def test_default_converges_on_each_shipped_network(network):
     """The default's error falls at every doubling of the steps, at an average slope of at least 2 (measured
-    2.5–4.1 over 25–200 steps on 64 samples), and from 100 steps it is below the focus grid's alone (slopes
+    2.4–4.2 over 25–200 steps on 64 samples), and from 100 steps it is below the focus grid's alone (slopes
     1.8–2.2). Not yet the design order 5 that exact scores show by 100 steps: a network's oscillations in λ
     are resolved only from a few hundred steps."""
     ours = _errors(network)
