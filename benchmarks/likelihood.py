@@ -54,6 +54,7 @@ HUTCH_16D_POINTS, HUTCH_STEPS = 300, 39
 DIGITS_POINTS, DIGITS_STEPS = 20, 19
 PARTS = ("budget", "networks", "hutchinson")
 OUT = ROOT / "benchmarks" / "results" / "likelihood.md"
+PART_HEADING = "## Budget → |error| (nats per point), exact divergence: exact problems\n"   # the first part's
 
 
 def exact_problems():
@@ -160,15 +161,18 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.merge:
         text = [part_file(p).read_text() for p in PARTS]
-        OUT.write_text(f"# Likelihood: fixed budget against accuracy\n\n"
-                       f"`python benchmarks/likelihood.py --only <part>` for each part, then `--merge`.\n\n" +
-                       "\n".join(text))
+        # the hand-written reading above the tables (everything before the first part's heading) is kept
+        head = (f"# Likelihood: fixed budget against accuracy\n\n"
+                f"`python benchmarks/likelihood.py --only <part>` for each part, then `--merge`.\n\n")
+        if OUT.exists() and PART_HEADING in OUT.read_text():
+            head = OUT.read_text().split(PART_HEADING)[0]
+        OUT.write_text(head + "\n".join(text))
         print(f"wrote {OUT.relative_to(ROOT)}")
         return
     start = time.perf_counter()
     lines = []
     for part in PARTS if args.only is None else (args.only,):
-        title = {"budget": "Budget → |error| (nats per point), exact divergence: exact problems",
+        title = {"budget": PART_HEADING[3:].rstrip(),
                  "networks": "Budget → |error| (nats per point), exact divergence: the shipped ring networks",
                  "hutchinson": "Hutchinson: standard error against cost"}[part]
         lines += [f"## {title}", "", f"{datetime.date.today()}, one thread, float64 unless said, eps = {EPS:g}.", ""]

@@ -62,11 +62,11 @@ class LikelihoodResult:
 #: the default ``refine_steps`` as a multiple of ``steps``
 REFINE_FACTOR = 4
 #: the multistep likelihood's default grid (``grid=None``), by budget: (fewest steps, settings of the focus grid of
-#: solvers/grids.py), the last row that applies. Below 60 steps the sampler's focus serves the exact problems best; from
-#: 60 a wider data side and a third of edm-spaced steps serve the networks, whose divergence is rough at both ends
+#: solvers/grids.py), the last row that applies. Below 40 steps the sampler's focus serves the exact problems best; from
+#: 40 a wider data side and a third of edm-spaced steps serve the networks, whose divergence is rough at both ends
 #: (benchmarks/results/likelihood.md).
 LIKELIHOOD_GRIDS = ((1, {"focus": 0.8, "focus_width_noise": 1.5, "focus_width_data": 1.6, "coverage": 0.0}),
-                    (60, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35}))
+                    (40, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35}))
 
 #: ``method="multistep"``: the ODE's own integral form (solvers/exponential.py) with the divergence on the same nodes
 MULTISTEP = "multistep"

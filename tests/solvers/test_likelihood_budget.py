@@ -173,3 +173,23 @@ def test_a_user_grid_sets_the_multistep_budget():
     sde, score, x = ring_problem("vp", 8)
     r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", grid="user", times=[1.0, 0.3, 0.01, EPS])
     assert r.nfe == 4
+
+
+def test_from_40_steps_the_grid_serves_a_trained_network():
+    """On the shipped ring_vp.pt, 60 NFE (LIKELIHOOD_GRIDS' second row, from 40 steps) against a 400-step solve.
+
+    Measured (benchmarks/results/likelihood.md, 100 points against dopri8 at 1e-9): mean 1.3e-3; the sampler's focus
+    grid, the default below 40 steps and before issue 14's last change up to 59, 1.0e-2 at the same budget."""
+    from models.checkpoint import load_checkpoint
+    from tasks_lib.model_source import pretrained_path
+
+    model = load_checkpoint(pretrained_path("ring", "vp"))
+    score = model.score_fn.double()
+    x, _ = ring_mixture().sample(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = solvers.log_likelihood(model.sde, score, x, eps=EPS, method="multistep", steps=399).logp
+    error = {}
+    for name, grid in (("default", {}),
+                       ("sampler's focus", {"grid": "focus", "focus_width_data": 1.6, "coverage": 0.0})):
+        r = solvers.log_likelihood(model.sde, score, x, eps=EPS, method="multistep", steps=59, **grid)
+        error[name] = (r.logp - reference).abs().mean().item()
+    assert error["default"] < 3e-3 and error["sampler's focus"] > 2 * error["default"], error
