@@ -204,7 +204,8 @@ def test_third_order_step_matches_the_phi_function_formula():
 
 def test_coverage_mixes_the_focus_and_edm_grids():
     """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
-    mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, with the focus scaled by √(D/2)."""
+    mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, where the focus's data side also
+    widens (1.6 → 2.5), with the focus scaled by √(D/2)."""
     from solvers.grids import (COVERAGE, COVERAGE_FROM_STEPS, FOCUS_WIDTH_DATA, FOCUS_WIDTH_DATA_MANY, UNIFORM_SHARE,
                                GridOptions, solve_times)
     sde = VPSDE()
