@@ -162,10 +162,10 @@ def main() -> None:
     if args.merge:
         text = [part_file(p).read_text() for p in PARTS]
         # the hand-written reading above the tables (everything before the first part's heading) is kept
-        head = (f"# Likelihood: fixed budget against accuracy\n\n"
-                f"`python benchmarks/likelihood.py --only <part>` for each part, then `--merge`.\n\n")
-        if OUT.exists() and PART_HEADING in OUT.read_text():
-            head = OUT.read_text().split(PART_HEADING)[0]
+        old = OUT.read_text() if OUT.exists() else ""
+        head = (old.split(PART_HEADING)[0] if PART_HEADING in old else
+                "# Likelihood: fixed budget against accuracy\n\n"
+                "`python benchmarks/likelihood.py --only <part>` for each part, then `--merge`.\n\n")
         OUT.write_text(head + "\n".join(text))
         print(f"wrote {OUT.relative_to(ROOT)}")
         return
