@@ -123,13 +123,19 @@ def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths:
 
 
 #: by default the focus grid mixes in UNIFORM_SHARE of the uniform-λ density at every budget, and from
-#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7) and
-#: widens its data side from FOCUS_WIDTH_DATA to FOCUS_WIDTH_DATA_MANY (§11)
+#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7)
 COVERAGE_FROM_STEPS = 40
 COVERAGE = 0.35
 UNIFORM_SHARE = 0.5
-FOCUS_WIDTH_DATA = 1.6
-FOCUS_WIDTH_DATA_MANY = 2.5
+#: the focus's place (in units of σ_data·√(D/2)) and its width on the data side, by budget: (fewest steps, focus,
+#: focus_width_data), the last row that applies. From 6 to 39 steps the focus sits lower and narrower (§12); at
+#: 5 steps that grid's first step lands too far from a network's own flow, and from 40 the data side widens (§11).
+FOCUS_BY_STEPS = ((1, 0.8, 1.6), (6, 0.3, 1.0), (COVERAGE_FROM_STEPS, 0.8, 2.5))
+
+
+def default_focus(steps: int) -> tuple[float, float]:
+    """(focus, focus_width_data) of the default focus grid at ``steps`` steps (FOCUS_BY_STEPS)."""
+    return [(focus, width) for fewest, focus, width in FOCUS_BY_STEPS if steps >= fewest][-1]
 
 
 @dataclasses.dataclass
@@ -138,9 +144,11 @@ class GridOptions:
 
     grid: GridKind = "focus"
     rho: float = 7.0                   # grid="edm": ρ
-    focus: float = 0.8                 # grid="focus": steps concentrate at σ = s/α = focus · sigma_data · √(D/2), D the data's dimension
+    focus: Optional[float] = None      # grid="focus": steps concentrate at σ = s/α = focus · sigma_data · √(D/2), D the data's
+                                       # dimension; None: 0.8, 0.3 from 6 to 39 steps (FOCUS_BY_STEPS)
     focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
-    focus_width_data: Optional[float] = None   # grid="focus": and towards the data; None: 1.6, 2.5 from 40 steps
+    focus_width_data: Optional[float] = None   # grid="focus": and towards the data; None: 1.6, 1.0 from 6 to 39 steps,
+                                               # 2.5 from 40
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
     uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5
@@ -178,8 +186,9 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
     many = steps >= COVERAGE_FROM_STEPS
     coverage = options.coverage if options.coverage is not None else (COVERAGE if many else 0.0)
     uniform = options.uniform_share if options.uniform_share is not None else UNIFORM_SHARE
-    width_data = (options.focus_width_data if options.focus_width_data is not None
-                  else FOCUS_WIDTH_DATA_MANY if many else FOCUS_WIDTH_DATA)
-    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=options.focus * sigma_data * math.sqrt(dim / 2),
+    focus, width_data = default_focus(steps)
+    focus = options.focus if options.focus is not None else focus
+    width_data = options.focus_width_data if options.focus_width_data is not None else width_data
+    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=focus * sigma_data * math.sqrt(dim / 2),
                      focus_width=(options.focus_width_noise, width_data), coverage=coverage,
                      uniform_share=uniform)

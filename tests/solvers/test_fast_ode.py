@@ -204,10 +204,10 @@ def test_third_order_step_matches_the_phi_function_formula():
 
 def test_coverage_mixes_the_focus_and_edm_grids():
     """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
-    mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, where the focus's data side also
-    widens (1.6 → 2.5), with the focus scaled by √(D/2)."""
-    from solvers.grids import (COVERAGE, COVERAGE_FROM_STEPS, FOCUS_WIDTH_DATA, FOCUS_WIDTH_DATA_MANY, UNIFORM_SHARE,
-                               GridOptions, solve_times)
+    mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, with the focus scaled by √(D/2) and
+    placed by budget (FOCUS_BY_STEPS: lower and narrower on the data side from 6 to 39 steps, wider from 40)."""
+    from solvers.grids import (COVERAGE, COVERAGE_FROM_STEPS, FOCUS_BY_STEPS, UNIFORM_SHARE, GridOptions,
+                               default_focus, solve_times)
     sde = VPSDE()
     focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
     assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1e-12), focus, atol=1e-10)
@@ -222,22 +222,28 @@ def test_coverage_mixes_the_focus_and_edm_grids():
     uniform_step = (lam[-1] - lam[0]) / 30
     assert (lam.diff() <= uniform_step / 0.5 + 1e-9).all()
     assert lam.diff().max() > 1.5 * uniform_step      # and the focus still makes the steps uneven
+    # the budget's row of FOCUS_BY_STEPS, on both sides of each switch
+    assert [default_focus(s) for s in (5, 6, 39, 40)] == [(0.8, 1.6), (0.3, 1.0), (0.3, 1.0), (0.8, 2.5)]
+    assert FOCUS_BY_STEPS[-1][0] == COVERAGE_FROM_STEPS
     options = GridOptions()
-    for steps in (COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
+    for steps in (5, 6, COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
         many = steps >= COVERAGE_FROM_STEPS
+        place, width = default_focus(steps)
         for dim in (2, 64):
             assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5, dim),
-                               time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5 * math.sqrt(dim / 2),
-                                         focus_width=(1.5, FOCUS_WIDTH_DATA_MANY if many else FOCUS_WIDTH_DATA),
-                                         coverage=COVERAGE if many else 0.0,
+                               time_grid(sde, 1e-3, steps, "focus", focus_sigma=place * 2.5 * math.sqrt(dim / 2),
+                                         focus_width=(1.5, width), coverage=COVERAGE if many else 0.0,
                                          uniform_share=UNIFORM_SHARE))
-    # the data side widens from COVERAGE_FROM_STEPS steps, and a width given is kept at every budget
-    assert FOCUS_WIDTH_DATA_MANY > FOCUS_WIDTH_DATA
-    for steps in (COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
+    # a focus or width the user gives is kept at every budget, the other one still follows the budget
+    for steps in (5, COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
+        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
+        place, width = default_focus(steps)
         assert torch.equal(solve_times(GridOptions(focus_width_data=2.0), sde, 1e-3, steps, 20, 2.5),
-                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.8 * 2.5, focus_width=(1.5, 2.0),
-                                     coverage=COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0,
-                                     uniform_share=UNIFORM_SHARE))
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=place * 2.5, focus_width=(1.5, 2.0),
+                                     coverage=coverage, uniform_share=UNIFORM_SHARE))
+        assert torch.equal(solve_times(GridOptions(focus=0.5), sde, 1e-3, steps, 20, 2.5),
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.5 * 2.5, focus_width=(1.5, width),
+                                     coverage=coverage, uniform_share=UNIFORM_SHARE))
     for bad in ({"coverage": 1.5}, {"uniform_share": -0.1}, {"coverage": 0.6, "uniform_share": 0.6}):
         with pytest.raises(SolverError, match="coverage|uniform_share"):
             solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, **bad)
