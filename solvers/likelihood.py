@@ -62,9 +62,9 @@ class LikelihoodResult:
 #: the default ``refine_steps`` as a multiple of ``steps``
 REFINE_FACTOR = 4
 #: the multistep likelihood's default grid (``grid=None``), by budget: (fewest steps, settings of the focus grid of
-#: solvers/grids.py), the last row that applies. Below 40 steps the sampler's focus serves the exact problems best; from
-#: 40 a wider data side and a third of edm-spaced steps serve the networks, whose divergence is rough at both ends
-#: (benchmarks/results/likelihood.md).
+#: solvers/grids.py), the last row that applies. Below 40 steps the sampler's earlier focus (0.8, before its own moved:
+#: benchmarks/results/peers_log.md §12) serves the exact problems best; from 40 a wider data side and a third of
+#: edm-spaced steps serve the networks, whose divergence is rough at both ends (benchmarks/results/likelihood.md).
 LIKELIHOOD_GRIDS = ((1, {"focus": 0.8, "focus_width_noise": 1.5, "focus_width_data": 1.6, "coverage": 0.0}),
                     (40, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35}))
 
