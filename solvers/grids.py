@@ -127,15 +127,20 @@ def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths:
 COVERAGE_FROM_STEPS = 40
 COVERAGE = 0.35
 UNIFORM_SHARE = 0.5
-#: the focus's place (in units of σ_data·√(D/2)) and its width on the data side, by budget: (fewest steps, focus,
-#: focus_width_data), the last row that applies. From 6 to 39 steps the focus sits lower and narrower (§12); at
+#: the focus's place (in units of σ_data·√(D/2)) and its width on the data side, by budget: (fewest steps, (focus,
+#: focus_width_data)), the last row that applies. From 6 to 39 steps the focus sits lower and narrower (§12); at
 #: 5 steps that grid's first step lands too far from a network's own flow, and from 40 the data side widens (§11).
-FOCUS_BY_STEPS = ((1, 0.8, 1.6), (6, 0.3, 1.0), (COVERAGE_FROM_STEPS, 0.8, 2.5))
+FOCUS_BY_STEPS = ((1, (0.8, 1.6)), (6, (0.3, 1.0)), (COVERAGE_FROM_STEPS, (0.8, 2.5)))
+
+
+def by_budget(table, steps: int):
+    """The settings of the last row of ``table`` (rows (fewest steps, settings), ascending) that ``steps`` reaches."""
+    return [settings for fewest, settings in table if steps >= fewest][-1]
 
 
 def default_focus(steps: int) -> tuple[float, float]:
     """(focus, focus_width_data) of the default focus grid at ``steps`` steps (FOCUS_BY_STEPS)."""
-    return [(focus, width) for fewest, focus, width in FOCUS_BY_STEPS if steps >= fewest][-1]
+    return by_budget(FOCUS_BY_STEPS, steps)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from core_lib import build_options, finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, ScoreFn, SolverError, TimeProgress, check_finite
 from solvers.exponential import ORDERS, _ExponentialState, integral_weights, step_orders
-from solvers.grids import GridKind, GridOptions, solve_times, time_grid
+from solvers.grids import GridKind, GridOptions, by_budget, solve_times, time_grid
 from solvers.noise import NoiseSource
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
 
@@ -214,7 +214,7 @@ def _likelihood_times(opts: _LikelihoodOptions, sde: SDE, eps: float, steps: int
     if opts.grid is not None:
         ts = solve_times(opts, sde, eps, steps, steps, sigma_data)
     else:
-        g = [settings for fewest, settings in LIKELIHOOD_GRIDS if steps >= fewest][-1]
+        g = by_budget(LIKELIHOOD_GRIDS, steps)
         ts = time_grid(sde, eps, steps, "focus", focus_sigma=g["focus"] * sigma_data,
                        focus_width=(g["focus_width_noise"], g["focus_width_data"]), coverage=g["coverage"])
     return ts.flip(0).tolist()
