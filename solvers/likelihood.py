@@ -62,11 +62,15 @@ class LikelihoodResult:
 #: the default ``refine_steps`` as a multiple of ``steps``
 REFINE_FACTOR = 4
 #: the multistep likelihood's default grid (``grid=None``), by budget: (fewest steps, settings of the focus grid of
-#: solvers/grids.py), the last row that applies. Below 40 steps the sampler's earlier focus (0.8, before its own moved:
-#: benchmarks/results/peers_log.md §12) serves the exact problems best; from 40 a wider data side and a third of
-#: edm-spaced steps serve the networks, whose divergence is rough at both ends (benchmarks/results/likelihood.md).
-LIKELIHOOD_GRIDS = ((1, {"focus": 0.8, "focus_width_noise": 1.5, "focus_width_data": 1.6, "coverage": 0.0}),
-                    (40, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35}))
+#: solvers/grids.py), the last row that applies. Below 35 steps the sampler's earlier focus (0.8, before its own moved:
+#: benchmarks/results/peers_log.md §12) serves the exact problems best. From 35 (where it first beats that row on
+#: all three shipped networks) a closer, narrower focus with 45 % of the steps uniform in λ, near the sampler's own,
+#: brings the networks within 0.01 nats at 40 NFE; from 40 a wider data side and a third of edm-spaced steps serve the
+#: networks, whose divergence is rough at both ends (benchmarks/results/likelihood.md).
+LIKELIHOOD_GRIDS = (
+    (1, {"focus": 0.8, "focus_width_noise": 1.5, "focus_width_data": 1.6, "coverage": 0.0, "uniform_share": 0.0}),
+    (35, {"focus": 0.4, "focus_width_noise": 1.5, "focus_width_data": 1.0, "coverage": 0.0, "uniform_share": 0.45}),
+    (40, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35, "uniform_share": 0.0}))
 
 #: ``method="multistep"``: the ODE's own integral form (solvers/exponential.py) with the divergence on the same nodes
 MULTISTEP = "multistep"
@@ -216,7 +220,8 @@ def _likelihood_times(opts: _LikelihoodOptions, sde: SDE, eps: float, steps: int
     else:
         g = by_budget(LIKELIHOOD_GRIDS, steps)
         ts = time_grid(sde, eps, steps, "focus", focus_sigma=g["focus"] * sigma_data,
-                       focus_width=(g["focus_width_noise"], g["focus_width_data"]), coverage=g["coverage"])
+                       focus_width=(g["focus_width_noise"], g["focus_width_data"]), coverage=g["coverage"],
+                       uniform_share=g["uniform_share"])
     return ts.flip(0).tolist()
 
 
