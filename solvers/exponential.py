@@ -29,7 +29,7 @@ import torch
 from core_lib import finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
-from solvers.grids import COVERAGE_FROM_STEPS, GridKind, GridOptions, half_log_snr_at, solve_times
+from solvers.grids import MANY_STEPS, GridKind, GridOptions, by_budget, half_log_snr_at, solve_times
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
@@ -41,10 +41,14 @@ ORDERS = (1, 2, 3, 4)
 #: irregularities (its x̂₀ is far rougher in λ than an exact score's) instead of the flow; measured on
 #: the shipped networks, order 4 at 8 steps is 10× worse than order 2 (benchmarks/results/peers_log.md).
 FEW_STEP_ORDERS = ((6, 2), (10, 3))
-#: (fewest steps it no longer applies to, bound): by default each step's weights' gain Σ|w| / |Σ w| is bounded, over
-#: few long steps on a trained network a fit that extrapolates with large alternating weights amplifies the network's
-#: roughness in λ (benchmarks/results/peers_log.md §6); from 40 steps there is no bound
-GAIN_BOUNDS = ((20, 2.5), (40, 4.0))
+#: the multistep fit's defaults by budget, (fewest steps, settings), the last row that applies; its last row starts
+#: where the grid's does (MANY_STEPS). Below it the polynomial is fitted in λ (``lambda_nodes``) and each step's
+#: weights' gain Σ|w| / |Σ w| is bounded (``max_gain``): over few long steps on a trained network a fit that
+#: extrapolates with large alternating weights amplifies the network's roughness in λ
+#: (benchmarks/results/peers_log.md §6).
+FIT_BY_STEPS = ((1, {"lambda_nodes": True, "max_gain": 2.5}),
+                (20, {"lambda_nodes": True, "max_gain": 4.0}),
+                (MANY_STEPS, {"lambda_nodes": False, "max_gain": math.inf}))
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -220,7 +224,7 @@ class _MultistepOptions(GridOptions):
     corrector: bool = True             # re-fit through the new point and redo the step (no extra NFE)
     lower_order_final: bool = True     # order ≤ 2 on the last step when steps < 15 (the step nearest the data is the stiffest)
     few_step_orders: bool = True       # cap the order at 2 for ≤ 6 steps and at 3 for ≤ 10 (see FEW_STEP_ORDERS)
-    lambda_nodes: Optional[bool] = None   # fit the polynomial in λ, whatever the variable; None: below 40 steps
+    lambda_nodes: Optional[bool] = None   # fit the polynomial in λ, whatever the variable; None: below 40 steps (FIT_BY_STEPS)
     max_gain: Optional[float] = None   # lower a step's order until Σ|w| ≤ max_gain·|Σ w|; None: 2.5 below 20 steps, 4 below 40, else none (inf)
 
     def validate(self):
@@ -254,8 +258,9 @@ class Multistep(Solver):
         ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data, x[0].numel()).tolist()
         n = len(ts) - 1
         orders = step_orders(n, o.order, o.lower_order_final, o.few_step_orders)
-        lambda_nodes = o.lambda_nodes if o.lambda_nodes is not None else n < COVERAGE_FROM_STEPS
-        max_gain = o.max_gain if o.max_gain is not None else next((g for below, g in GAIN_BOUNDS if n < below), math.inf)
+        fit = by_budget(FIT_BY_STEPS, n)
+        lambda_nodes = o.lambda_nodes if o.lambda_nodes is not None else fit["lambda_nodes"]
+        max_gain = o.max_gain if o.max_gain is not None else fit["max_gain"]
         state = _ExponentialState(sde, score, x, o.variable, score.sigma_data, history=max(orders),
                                   lambda_nodes=lambda_nodes, max_gain=max_gain)
         value, node = state.evaluate(x, ts[0])

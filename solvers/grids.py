@@ -122,25 +122,22 @@ def _mixed_focus(steps: int, lam_T: float, lam_eps: float, lam_c: float, widths:
     return (a + b) / 2
 
 
-#: by default the focus grid mixes in UNIFORM_SHARE of the uniform-λ density at every budget, and from
-#: COVERAGE_FROM_STEPS steps also COVERAGE of the edm density (benchmarks/results/peers_log.md §6, §7)
-COVERAGE_FROM_STEPS = 40
-COVERAGE = 0.35
-UNIFORM_SHARE = 0.5
-#: the focus's place (in units of σ_data·√(D/2)) and its width on the data side, by budget: (fewest steps, (focus,
-#: focus_width_data)), the last row that applies. From 6 to 39 steps the focus sits lower and narrower (§12); at
-#: 5 steps that grid's first step lands too far from a network's own flow, and from 40 the data side widens (§11).
-FOCUS_BY_STEPS = ((1, (0.8, 1.6)), (6, (0.3, 1.0)), (COVERAGE_FROM_STEPS, (0.8, 2.5)))
+#: the default focus grid by budget: (fewest steps, settings), the last row that applies; a setting the user gives is
+#: kept at every budget. Half the steps are uniform in λ at every budget (§6); from 6 to 39 steps the focus sits lower
+#: and narrower on the data side (§12: at 5 steps that grid's first step lands too far from a network's own flow);
+#: from 40 the data side widens (§11) and 35 % of the steps are edm-spaced (§7) (benchmarks/results/peers_log.md).
+#: ``focus`` is in units of σ_data·√(D/2).
+GRID_BY_STEPS = (
+    (1, {"focus": 0.8, "focus_width_data": 1.6, "coverage": 0.0, "uniform_share": 0.5}),
+    (6, {"focus": 0.3, "focus_width_data": 1.0, "coverage": 0.0, "uniform_share": 0.5}),
+    (40, {"focus": 0.8, "focus_width_data": 2.5, "coverage": 0.35, "uniform_share": 0.5}))
+#: where the sampler's last budget row starts (its many-step regime: solvers/exponential.py's FIT_BY_STEPS too)
+MANY_STEPS = GRID_BY_STEPS[-1][0]
 
 
 def by_budget(table, steps: int):
     """The settings of the last row of ``table`` (rows (fewest steps, settings), ascending) that ``steps`` reaches."""
     return [settings for fewest, settings in table if steps >= fewest][-1]
-
-
-def default_focus(steps: int) -> tuple[float, float]:
-    """(focus, focus_width_data) of the default focus grid at ``steps`` steps (FOCUS_BY_STEPS)."""
-    return by_budget(FOCUS_BY_STEPS, steps)
 
 
 @dataclasses.dataclass
@@ -150,7 +147,7 @@ class GridOptions:
     grid: GridKind = "focus"
     rho: float = 7.0                   # grid="edm": ρ
     focus: Optional[float] = None      # grid="focus": steps concentrate at σ = s/α = focus · sigma_data · √(D/2), D the data's
-                                       # dimension; None: 0.8, 0.3 from 6 to 39 steps (FOCUS_BY_STEPS)
+                                       # dimension; None: 0.8, 0.3 from 6 to 39 steps (GRID_BY_STEPS)
     focus_width_noise: float = 1.5     # grid="focus": the concentration's width towards the noise, in log-SNR units
     focus_width_data: Optional[float] = None   # grid="focus": and towards the data; None: 1.6, 1.0 from 6 to 39 steps,
                                                # 2.5 from 40
@@ -188,12 +185,9 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
             raise SolverError(f"steps={steps} but times has {len(options.times) - 1} steps; give one or the other.")
         return time_grid(sde, eps, len(options.times) - 1, "user", times=options.times)
     steps = steps or default_steps
-    many = steps >= COVERAGE_FROM_STEPS
-    coverage = options.coverage if options.coverage is not None else (COVERAGE if many else 0.0)
-    uniform = options.uniform_share if options.uniform_share is not None else UNIFORM_SHARE
-    focus, width_data = default_focus(steps)
-    focus = options.focus if options.focus is not None else focus
-    width_data = options.focus_width_data if options.focus_width_data is not None else width_data
+    row = by_budget(GRID_BY_STEPS, steps)
+    focus, width_data, coverage, uniform = (getattr(options, name) if getattr(options, name) is not None else row[name]
+                                            for name in ("focus", "focus_width_data", "coverage", "uniform_share"))
     return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=focus * sigma_data * math.sqrt(dim / 2),
                      focus_width=(options.focus_width_noise, width_data), coverage=coverage,
                      uniform_share=uniform)

@@ -205,9 +205,8 @@ def test_third_order_step_matches_the_phi_function_formula():
 def test_coverage_mixes_the_focus_and_edm_grids():
     """coverage → 0 is the focus grid, coverage = 1 the edm grid, uniform_share = 1 the log_snr grid; the default
     mixes in 0.5 of uniform λ at every budget and 0.35 of edm from 40 steps, with the focus scaled by √(D/2) and
-    placed by budget (FOCUS_BY_STEPS: lower and narrower on the data side from 6 to 39 steps, wider from 40)."""
-    from solvers.grids import (COVERAGE, COVERAGE_FROM_STEPS, FOCUS_BY_STEPS, UNIFORM_SHARE, GridOptions,
-                               default_focus, solve_times)
+    placed by budget (GRID_BY_STEPS: lower and narrower on the data side from 6 to 39 steps, wider from 40)."""
+    from solvers.grids import GRID_BY_STEPS, MANY_STEPS, GridOptions, by_budget, solve_times
     sde = VPSDE()
     focus = time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0)
     assert torch.allclose(time_grid(sde, 1e-3, 30, "focus", focus_sigma=2.0, coverage=1e-12), focus, atol=1e-10)
@@ -222,28 +221,31 @@ def test_coverage_mixes_the_focus_and_edm_grids():
     uniform_step = (lam[-1] - lam[0]) / 30
     assert (lam.diff() <= uniform_step / 0.5 + 1e-9).all()
     assert lam.diff().max() > 1.5 * uniform_step      # and the focus still makes the steps uneven
-    # the budget's row of FOCUS_BY_STEPS, on both sides of each switch
-    assert [default_focus(s) for s in (5, 6, 39, 40)] == [(0.8, 1.6), (0.3, 1.0), (0.3, 1.0), (0.8, 2.5)]
-    assert FOCUS_BY_STEPS[-1][0] == COVERAGE_FROM_STEPS
+    # the budget's row of GRID_BY_STEPS, on both sides of each switch
+    rows = [by_budget(GRID_BY_STEPS, s) for s in (5, 6, 39, 40)]
+    assert [(r["focus"], r["focus_width_data"], r["coverage"], r["uniform_share"]) for r in rows] == [
+        (0.8, 1.6, 0.0, 0.5), (0.3, 1.0, 0.0, 0.5), (0.3, 1.0, 0.0, 0.5), (0.8, 2.5, 0.35, 0.5)]
+    assert MANY_STEPS == 40
     options = GridOptions()
-    for steps in (5, 6, COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
-        many = steps >= COVERAGE_FROM_STEPS
-        place, width = default_focus(steps)
+    for steps in (5, 6, MANY_STEPS - 1, MANY_STEPS):
+        row = by_budget(GRID_BY_STEPS, steps)
         for dim in (2, 64):
             assert torch.equal(solve_times(options, sde, 1e-3, steps, 20, 2.5, dim),
-                               time_grid(sde, 1e-3, steps, "focus", focus_sigma=place * 2.5 * math.sqrt(dim / 2),
-                                         focus_width=(1.5, width), coverage=COVERAGE if many else 0.0,
-                                         uniform_share=UNIFORM_SHARE))
-    # a focus or width the user gives is kept at every budget, the other one still follows the budget
-    for steps in (5, COVERAGE_FROM_STEPS - 1, COVERAGE_FROM_STEPS):
-        coverage = COVERAGE if steps >= COVERAGE_FROM_STEPS else 0.0
-        place, width = default_focus(steps)
+                               time_grid(sde, 1e-3, steps, "focus",
+                                         focus_sigma=row["focus"] * 2.5 * math.sqrt(dim / 2),
+                                         focus_width=(1.5, row["focus_width_data"]), coverage=row["coverage"],
+                                         uniform_share=row["uniform_share"]))
+    # a focus or width the user gives is kept at every budget, the others still follow the budget
+    for steps in (5, MANY_STEPS - 1, MANY_STEPS):
+        row = by_budget(GRID_BY_STEPS, steps)
         assert torch.equal(solve_times(GridOptions(focus_width_data=2.0), sde, 1e-3, steps, 20, 2.5),
-                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=place * 2.5, focus_width=(1.5, 2.0),
-                                     coverage=coverage, uniform_share=UNIFORM_SHARE))
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=row["focus"] * 2.5,
+                                     focus_width=(1.5, 2.0), coverage=row["coverage"],
+                                     uniform_share=row["uniform_share"]))
         assert torch.equal(solve_times(GridOptions(focus=0.5), sde, 1e-3, steps, 20, 2.5),
-                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.5 * 2.5, focus_width=(1.5, width),
-                                     coverage=coverage, uniform_share=UNIFORM_SHARE))
+                           time_grid(sde, 1e-3, steps, "focus", focus_sigma=0.5 * 2.5,
+                                     focus_width=(1.5, row["focus_width_data"]), coverage=row["coverage"],
+                                     uniform_share=row["uniform_share"]))
     for bad in ({"coverage": 1.5}, {"uniform_share": -0.1}, {"coverage": 0.6, "uniform_share": 0.6}):
         with pytest.raises(SolverError, match="coverage|uniform_share"):
             solvers.sample(sde, MixtureScore(sde, ring_mixture()), (4, 2), solver="multistep", steps=5, **bad)
@@ -277,8 +279,9 @@ def test_lambda_nodes_keep_the_angle_form_exact_for_gaussian_data():
 
 def test_gain_bound_lowers_the_order_only_where_the_weights_alternate():
     """max_gain: a step keeps its order while Σ|w| ≤ g·|Σ w| and drops its oldest values otherwise; inf is no bound,
-    and the default bounds the gain below 40 steps only (2.5 below 20, 4 below 40)."""
-    from solvers.exponential import GAIN_BOUNDS
+    and the default bounds the gain below 40 steps only (2.5 below 20, 4 below 40: FIT_BY_STEPS)."""
+    from solvers.exponential import FIT_BY_STEPS
+    from solvers.grids import GRID_BY_STEPS
     sde = VPSDE()
     score = MixtureScore(sde, ring_mixture())
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -286,10 +289,14 @@ def test_gain_bound_lowers_the_order_only_where_the_weights_alternate():
     def run(steps, **options):
         return solvers.sample(sde, score, z=z, solver="multistep", steps=steps, eps=1e-3, **options).samples
 
-    assert GAIN_BOUNDS == ((20, 2.5), (40, 4.0))
+    assert [(fewest, fit["max_gain"]) for fewest, fit in FIT_BY_STEPS] == [(1, 2.5), (20, 4.0), (40, math.inf)]
+    assert FIT_BY_STEPS[-1][0] == GRID_BY_STEPS[-1][0]       # the fit's many-step regime starts with the grid's
     assert torch.equal(run(12), run(12, max_gain=2.5)) and not torch.equal(run(12), run(12, max_gain=math.inf))
     assert torch.equal(run(30), run(30, max_gain=4.0))
     assert torch.equal(run(40), run(40, max_gain=math.inf))
+    # and the fit in λ is the default below 40 steps only
+    assert torch.equal(run(39), run(39, lambda_nodes=True)) and torch.equal(run(40), run(40, lambda_nodes=False))
+    assert not torch.equal(run(39), run(39, lambda_nodes=False))
     # a bound of 1 allows only weights of one sign: an extrapolating predictor drops to order 1 at every step
     assert torch.equal(run(12, max_gain=1.0, corrector=False), run(12, order=1, corrector=False))
     with pytest.raises(SolverError, match="max_gain"):
