@@ -12,14 +12,13 @@ import shutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import solvers
 from core_lib import UserError, build_options, distributed
 from evaluation import LOGGERS
 from models.networks import PRECISIONS
 from tasks_lib.export import export_source
 from tasks_lib.inpaint import check_inpaint
 from tasks_lib.model_source import build_sde, diffusers_request
-from tasks_lib.sample import dtype_of, likelihood_config
+from tasks_lib.sample import check_solver_options, dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS, GuidanceConfig, InpaintConfig
 from training import check_batch_split, check_train_config
 
@@ -136,6 +135,32 @@ def check_labels_setup(cfg: DictConfig) -> None:
                         "model.num_classes=K (the data's class count) or drop task.label_dropout.")
 
 
+#: where a solver the command line sets would go unused: what the task runs instead
+_SOLVER_UNUSED = {
+    "compare": "task=compare runs each of task.samplers at each of task.budgets with its defaults: list the solver "
+               "there (task.samplers=[...]), or drop it",
+    "likelihood": "task=likelihood integrates with likelihood.method (a fixed budget: likelihood.method=multistep "
+                  "likelihood.steps=N), or drop it",
+}
+
+
+def check_solver_applies(cfg: DictConfig, overridden: set[str]) -> None:
+    """A ``solver``/``solver.*`` setting from the command line that the task would ignore is refused, not dropped."""
+    set_here = sorted(k for k in overridden if k == "solver" or k.startswith("solver."))
+    name = cfg.task.name
+    if name == "inpaint" and cfg.inpaint.method == "replace" and "solver.steps" in set_here:
+        raise UserError("solver.steps does not apply to task=inpaint, whose solver takes task.steps: set "
+                        "task.steps=N instead.")
+    if not set_here or name == "sample" or name == "inpaint" and cfg.inpaint.method == "replace":
+        return
+    if name == "inpaint":
+        instead = (f"inpaint.method={cfg.inpaint.method} samples with its own sampler: set inpaint.method=replace to "
+                   "use the solver, or drop it")
+    else:
+        instead = _SOLVER_UNUSED.get(name, f"task={name} draws no samples with it: drop it")
+    raise UserError(f"{set_here[0]} applies to task=sample and to task=inpaint with inpaint.method=replace; {instead}.")
+
+
 def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
     """Every setting the task of ``cfg`` will use, checked before it starts; the first problem is a UserError.
 
@@ -173,8 +198,9 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
         raise UserError(f"{set_here[0]} applies to task=inpaint only; add task=inpaint, or drop it.")
     if name == "inpaint":
         check_inpaint(cfg, overridden or set())
+    check_solver_applies(cfg, overridden or set())
     if name == "sample":
         steps = cfg.solver.steps
         if steps is not None and steps < 1:
             raise UserError(f"solver.steps: must be a positive integer or null, got {steps}.")
-        solvers.get_solver(cfg.solver.name)(**OmegaConf.to_container(cfg.solver.options, resolve=True))
+        check_solver_options(cfg)

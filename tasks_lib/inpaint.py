@@ -30,7 +30,7 @@ from core_lib import UserError
 from evaluation import RunOutput, load_data
 from evaluation.inpainting import conditional_error
 from tasks_lib.model_source import resolve_model
-from tasks_lib.sample import dtype_of, header, write_config
+from tasks_lib.sample import check_solver_options, dtype_of, header, write_config
 
 __all__ = ["inpaint_task", "check_inpaint", "parse_mask_spec", "build_masks", "MASK_NAMES"]
 
@@ -135,7 +135,7 @@ def check_inpaint(cfg: DictConfig, overridden: set[str]) -> None:
             able = [n for n in solvers.available() if solvers.get_solver(n).takes_constraint]
             raise UserError(f"inpaint.method=replace replaces the known entries after every solver step, and "
                             f"solver={cfg.solver.name} takes no such step; choose one of: {', '.join(able)}.")
-        cls(**OmegaConf.to_container(cfg.solver.options, resolve=True))
+        check_solver_options(cfg)
 
 
 def inpaint_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:

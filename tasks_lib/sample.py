@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import solvers
 from core_lib import UserError, distributed
 from data_lib import Dataset
 from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, class_accuracy,
@@ -24,7 +25,7 @@ from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, class_ac
 from solvers.guidance import GuidanceWarning
 from tasks_lib.model_source import Guidance, ResolvedModel, resolve_guidance, resolve_model
 
-__all__ = ["sample_task", "likelihood_task", "dtype_of", "likelihood_config", "write_config", "header",
+__all__ = ["sample_task", "likelihood_task", "check_solver_options", "dtype_of", "likelihood_config", "write_config", "header",
            "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
 
 
@@ -33,6 +34,14 @@ def dtype_of(cfg: DictConfig) -> torch.dtype:
     if dtype is None:
         raise UserError(f"dtype must be float32 or float64, got {cfg.dtype!r}; set dtype=float32 or dtype=float64.")
     return dtype
+
+
+def check_solver_options(cfg: DictConfig) -> None:
+    """The solver ``cfg.solver`` names, built from its options: a bad option is one error on the command line's path."""
+    try:
+        solvers.get_solver(cfg.solver.name)(**OmegaConf.to_container(cfg.solver.options, resolve=True))
+    except solvers.SolverError as err:  # the option's own message
+        raise UserError(f"solver.options ({cfg.solver.name}): {err}") from None
 
 
 def likelihood_config(cfg: DictConfig) -> LikelihoodConfig:

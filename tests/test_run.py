@@ -203,10 +203,33 @@ def test_sweep_runs_one_job_per_choice_in_dirs_named_by_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
+    (["task=likelihood", "solver=multistep", "solver.steps=39"],
+     "error: solver applies to task=sample and to task=inpaint with inpaint.method=replace; task=likelihood "
+     "integrates with likelihood.method (a fixed budget: likelihood.method=multistep likelihood.steps=N)"),
+    (["task=train", "solver=ddim"], "task=train draws no samples with it: drop it."),
+])
+def test_a_solver_setting_the_task_would_ignore_is_refused(tmp_path, args, message):
+    """A solver the command line sets for a task that never uses it is one error line, not silently dropped."""
+    out = tmp_path / "run"
+    proc = run_cli(*args, cwd=out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.parametrize("args,message", [
     (["solver=pf_odee"], "error: solver=pf_odee: no such choice; available: ald, ancestral"),
     (["task.n_sampels=10"], "error: task.n_sampels: Key 'n_sampels' not in 'SampleTask'"),
     (["solver=pc", "solver.options.snr=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
     (["solver=ancestral", "solver.steps=10"], "error: solver 'ancestral' with steps=10"),
+    (["solver=multistep", "solver.options.uniform_share=1.5"],
+     "error: solver.options (multistep): uniform_share must be in [0, 1] or None, got 1.5."),
+    (["task=compare", "solver=ddim"], "error: solver applies to task=sample and to task=inpaint with "
+                                      "inpaint.method=replace; task=compare runs each of task.samplers"),
+    (["task=inpaint", "solver=ddim"], "inpaint.method=smc samples with its own sampler: set "
+                                      "inpaint.method=replace to use the solver"),
+    (["task=inpaint", "inpaint.method=replace", "solver=ddim", "solver.steps=10"],
+     "error: solver.steps does not apply to task=inpaint, whose solver takes task.steps"),
     (["task=fit"], "error: task=fit: no such choice; available: compare, export, inpaint, likelihood, sample, train, train_classifier."),
     (["data=moons"], "error: no pretrained model for data=moons with sde=vp"),
     (["data=moons", "ckpt=exact"], "error: data=moons has no exact score"),
