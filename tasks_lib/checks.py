@@ -144,14 +144,20 @@ _SOLVER_UNUSED = {
 }
 
 
+def _set_in(overridden: set[str], group: str) -> list[str]:
+    """The command line's keys in ``group`` (the group's choice or one of its settings), sorted."""
+    return sorted(k for k in overridden if k == group or k.startswith(group + "."))
+
+
 def check_solver_applies(cfg: DictConfig, overridden: set[str]) -> None:
     """A ``solver``/``solver.*`` setting from the command line that the task would ignore is refused, not dropped."""
-    set_here = sorted(k for k in overridden if k == "solver" or k.startswith("solver."))
+    set_here = _set_in(overridden, "solver")
     name = cfg.task.name
-    if name == "inpaint" and cfg.inpaint.method == "replace" and "solver.steps" in set_here:
+    replace = name == "inpaint" and cfg.inpaint.method == "replace"
+    if replace and "solver.steps" in set_here:
         raise UserError("solver.steps does not apply to task=inpaint, whose solver takes task.steps: set "
                         "task.steps=N instead.")
-    if not set_here or name == "sample" or name == "inpaint" and cfg.inpaint.method == "replace":
+    if not set_here or name == "sample" or replace:
         return
     if name == "inpaint":
         instead = (f"inpaint.method={cfg.inpaint.method} samples with its own sampler: set inpaint.method=replace to "
@@ -193,7 +199,7 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
     if name == "export":
         export_source(cfg)
     build_options(InpaintConfig, OmegaConf.to_container(cfg.inpaint, resolve=True), "inpaint", UserError)
-    set_here = sorted(k for k in overridden or () if k.startswith("inpaint."))
+    set_here = _set_in(overridden or set(), "inpaint")
     if set_here and name != "inpaint":
         raise UserError(f"{set_here[0]} applies to task=inpaint only; add task=inpaint, or drop it.")
     if name == "inpaint":

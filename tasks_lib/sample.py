@@ -25,8 +25,8 @@ from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, class_ac
 from solvers.guidance import GuidanceWarning
 from tasks_lib.model_source import Guidance, ResolvedModel, resolve_guidance, resolve_model
 
-__all__ = ["sample_task", "likelihood_task", "check_solver_options", "dtype_of", "likelihood_config", "write_config", "header",
-           "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
+__all__ = ["sample_task", "likelihood_task", "check_solver_options", "dtype_of", "likelihood_config", "write_config",
+           "header", "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
 
 
 def dtype_of(cfg: DictConfig) -> torch.dtype:
