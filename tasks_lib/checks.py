@@ -17,7 +17,7 @@ from evaluation import LOGGERS
 from models.networks import PRECISIONS
 from tasks_lib.export import export_source
 from tasks_lib.inpaint import check_inpaint
-from tasks_lib.model_source import build_sde, diffusers_request
+from tasks_lib.model_source import build_sde, diffusers_request, keys_in
 from tasks_lib.sample import check_solver_options, dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS, GuidanceConfig, InpaintConfig
 from training import check_batch_split, check_train_config
@@ -144,14 +144,9 @@ _SOLVER_UNUSED = {
 }
 
 
-def _set_in(overridden: set[str], group: str) -> list[str]:
-    """The command line's keys in ``group`` (the group's choice or one of its settings), sorted."""
-    return sorted(k for k in overridden if k == group or k.startswith(group + "."))
-
-
 def check_solver_applies(cfg: DictConfig, overridden: set[str]) -> None:
     """A ``solver``/``solver.*`` setting from the command line that the task would ignore is refused, not dropped."""
-    set_here = _set_in(overridden, "solver")
+    set_here = keys_in(overridden, "solver")
     name = cfg.task.name
     replace = name == "inpaint" and cfg.inpaint.method == "replace"
     if replace and "solver.steps" in set_here:
@@ -199,7 +194,7 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
     if name == "export":
         export_source(cfg)
     build_options(InpaintConfig, OmegaConf.to_container(cfg.inpaint, resolve=True), "inpaint", UserError)
-    set_here = _set_in(overridden or set(), "inpaint")
+    set_here = keys_in(overridden or set(), "inpaint")
     if set_here and name != "inpaint":
         raise UserError(f"{set_here[0]} applies to task=inpaint only; add task=inpaint, or drop it.")
     if name == "inpaint":

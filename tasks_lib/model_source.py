@@ -33,7 +33,7 @@ from sde_lib import SDE, sde_name
 from tasks_lib.schema import GuidanceConfig, model_schema
 
 __all__ = ["ResolvedModel", "resolve_model", "build_sde", "PRETRAINED_DIR", "pretrained_path", "shipped_checkpoint",
-           "overridden_keys", "diffusers_request", "DIFFUSERS_PREFIX", "Guidance", "resolve_guidance"]
+           "overridden_keys", "keys_in", "diffusers_request", "DIFFUSERS_PREFIX", "Guidance", "resolve_guidance"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
 #: ``ckpt=diffusers:DIR``: a pipeline directory written by diffusers' ``save_pretrained`` (or a Hub id).
@@ -96,8 +96,9 @@ def build_sde(sde_cfg: DictConfig) -> SDE:
         raise
 
 
-def _touches(keys: set[str], group: str) -> bool:
-    return any(k == group or k.startswith(group + ".") for k in keys)
+def keys_in(overridden: set[str], group: str) -> list[str]:
+    """The command line's keys in ``group`` (the group's choice or one of its settings), sorted."""
+    return sorted(k for k in overridden if k == group or k.startswith(group + "."))
 
 
 def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -> ResolvedModel:
@@ -136,7 +137,7 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
     what = f"ckpt={cfg.ckpt}" if source == "checkpoint" else f"the pretrained model {path.name}"
 
     sde = loaded.sde
-    if _touches(overridden, "sde"):
+    if keys_in(overridden, "sde"):
         mine = {k: v for k, v in sde.hparams().items() if k != "N"}
         theirs = {k: v for k, v in asked.hparams().items() if k != "N"}
         if type(asked) is not type(sde) or mine != theirs:
@@ -145,10 +146,10 @@ def resolve_model(cfg: DictConfig, overridden: set[str], device: torch.device) -
                              "use a model trained with that SDE.")
         if asked.N != sde.N:
             sde = sde.with_steps(asked.N)
-    if _touches(overridden, "model"):
+    if keys_in(overridden, "model"):
         _check_model(cfg.model, loaded.config.get("model", {}), overridden, what)
 
-    if _touches(overridden, "data"):
+    if keys_in(overridden, "data"):
         data = load_data(cfg.data, cfg.seed)
         if data.event_shape != loaded.event_shape:
             raise UserError(f"data={data.name} has samples of shape {data.event_shape}, but {what} models shape "
@@ -177,15 +178,15 @@ def diffusers_request(cfg: DictConfig, overridden: set[str]) -> Optional[Pipelin
         raise UserError("ckpt=diffusers: names no pipeline; give ckpt=diffusers:DIR, DIR written by "
                         "pipeline.save_pretrained(DIR).")
     info = inspect_pipeline(source)
-    sde_keys = sorted(k for k in overridden if _touches({k}, "sde") and k != "sde.N")
+    sde_keys = [k for k in keys_in(overridden, "sde") if k != "sde.N"]
     if sde_keys:
         raise UserError(f"ckpt={ckpt} brings its own SDE, from its {info.describe()}; drop {', '.join(sde_keys)} "
                         "(sde.N, the steps of the discrete chain, may change).")
-    model_keys = sorted(k for k in overridden if _touches({k}, "model"))
+    model_keys = keys_in(overridden, "model")
     if model_keys:
         raise UserError(f"ckpt={ckpt} brings its own network, the pipeline's UNet2DModel; drop "
                         f"{', '.join(model_keys)}.")
-    if cfg.task.name in ("likelihood", "compare") and not _touches(overridden, "data"):
+    if cfg.task.name in ("likelihood", "compare") and not keys_in(overridden, "data"):
         raise UserError(f"task={cfg.task.name} scores held-out data, and a diffusers model comes with none: give data= "
                         f"with samples of its shape {info.event_shape} (e.g. data=array data.path=FILE.npy).")
     return info
@@ -195,7 +196,7 @@ def _resolve_diffusers(cfg: DictConfig, overridden: set[str], device: torch.devi
                        asked: SDE) -> ResolvedModel:
     """The diffusers model of ``info`` with ``data=`` if given (of the model's shape), and ``sde.N`` if given."""
     data = None
-    if _touches(overridden, "data"):
+    if keys_in(overridden, "data"):
         data = load_data(cfg.data, cfg.seed)
         if data.event_shape != info.event_shape:
             raise UserError(f"data={data.name} has samples of shape {data.event_shape}, but ckpt={cfg.ckpt} models "
