@@ -156,10 +156,16 @@ def share_time_embedding(score) -> None:
 
 
 def _cast(score, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``score`` run in ``dtype`` on float64 states, its output float64."""
+    """``score`` run in ``dtype`` on float64 states, its output float64; it declares what the model declares to our
+    solvers (``ScoreModel.predicts_noise``, read by ``CountedScore``)."""
     if dtype == F64:
         return score
-    return lambda x, t: score(x.to(dtype), t.to(dtype)).to(F64)
+
+    def cast(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return score(x.to(dtype), t.to(dtype)).to(F64)
+
+    cast.predicts_noise = getattr(score, "predicts_noise", False)
+    return cast
 
 
 def _denoiser(sde: SDE, score) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -220,6 +220,8 @@ class DiffusersUNet(nn.Module):
             raise DiffusersError(f"prediction_type {prediction_type!r} does not go with {type(sde).__name__}: "
                                  "score needs a VESDE, the others a VP SDE.")
         self.unet, self.sde, self.prediction_type = unet, sde, prediction_type
+        #: ε and the score reach x̂₀ multiplied by σ; v (x̂₀ = α x − s v) and the sample itself do not
+        self.predicts_noise = prediction_type in ("epsilon", "score")
         self.sigma_data, self.channels = float(sigma_data), channels
 
     def timestep(self, t: Tensor) -> Tensor:

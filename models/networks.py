@@ -543,6 +543,13 @@ class ScoreModel(nn.Module):
         return bool(getattr(self.net, "conditional", False))
 
     @property
+    def predicts_noise(self) -> bool:
+        """Whether x̂₀ comes from a prediction of the noise or of the score, which multiplies the network's error by σ
+        at high noise (the sampler's start step, docs/math.md §4.3). A network that converts its own output
+        (``DiffusersUNet``) declares it; otherwise the parameterization decides: eps and score do, x0 does not."""
+        return bool(getattr(self.net, "predicts_noise", self.parameterization in ("eps", "score")))
+
+    @property
     def num_classes(self) -> int:
         """K, the classes of a conditional network (labels 0..K−1, and −1 for none); 0 when unconditional."""
         return int(getattr(self.net, "num_classes", 0)) if self.conditional else 0

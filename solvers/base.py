@@ -91,6 +91,9 @@ class CountedScore:
         self.score_fn = score_fn
         self.cond = dict(cond or {})
         self.sigma_data = resolve_sigma_data(score_fn, sigma_data)
+        #: the model's x̂₀ is x̃ − σ ε̂ (or x̃ + σ² s̃), its error multiplied by σ at high noise: what the model
+        #: declares (``ScoreModel.predicts_noise``); a plain callable declares nothing (False)
+        self.predicts_noise = bool(getattr(score_fn, "predicts_noise", False))
         self.nfe = 0
         self.record = record
         self.progress = progress

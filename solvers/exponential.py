@@ -29,7 +29,8 @@ import torch
 from core_lib import finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, NonFiniteError, Solver, SolverError, register
-from solvers.grids import MANY_STEPS, GridKind, GridOptions, by_budget, half_log_snr_at, solve_times
+from solvers.grids import (MANY_STEPS, GridKind, GridOptions, by_budget, half_log_snr_at, solve_times,
+                           with_start_step)
 from solvers.noise import NoiseSource
 
 Tensor = torch.Tensor
@@ -49,6 +50,12 @@ FEW_STEP_ORDERS = ((6, 2), (10, 3))
 FIT_BY_STEPS = ((1, {"lambda_nodes": True, "max_gain": 2.5}),
                 (20, {"lambda_nodes": True, "max_gain": 4.0}),
                 (MANY_STEPS, {"lambda_nodes": False, "max_gain": math.inf}))
+#: a network that predicts the noise (CountedScore.predicts_noise) gets a start step from START_STEP_FROM steps on
+#: (docs/math.md §4.3): the budget's grid for one step fewer with its first step split at START_STEP of its length
+#: in λ, the value at T then dropped from the fit (the order ramps up again). Below 10 steps the step it takes
+#: from the rest weighs more (benchmarks/results/peers_log.md §14).
+START_STEP = 0.25
+START_STEP_FROM = 10
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -226,10 +233,17 @@ class _MultistepOptions(GridOptions):
     few_step_orders: bool = True       # cap the order at 2 for ≤ 6 steps and at 3 for ≤ 10 (see FEW_STEP_ORDERS)
     lambda_nodes: Optional[bool] = None   # fit the polynomial in λ, whatever the variable; None: below 40 steps (FIT_BY_STEPS)
     max_gain: Optional[float] = None   # lower a step's order until Σ|w| ≤ max_gain·|Σ w|; None: 2.5 below 20 steps, 4 below 40, else none (inf)
+    start_step: Optional[float] = None   # a first step this fraction of the grid's first in λ, its value at T then
+                                         # dropped from the fit (0: none); None: 0.25 from 10 steps for a model that
+                                         # predicts the noise (START_STEP), else 0
 
     def validate(self):
         if self.order not in ORDERS:
             raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
+        if self.start_step is not None and not 0 <= self.start_step < 1:
+            raise SolverError(f"start_step must be a fraction in [0, 1) (0: no start step) or None, got {self.start_step}.")
+        if self.start_step and self.grid == "user":
+            raise SolverError("start_step splits the grid's first step; with grid='user' put that time in times instead.")
         if self.max_gain is not None and not self.max_gain >= 1:
             raise SolverError(f"max_gain must be a number ≥ 1 (inf: no bound; null: the default), got {self.max_gain}.")
         super().validate()
@@ -255,9 +269,16 @@ class Multistep(Solver):
     def run(self, sde: SDE, score: CountedScore, x: Tensor, eps: float, steps: int | None,
             noise: NoiseSource) -> Tensor:
         o = self.options
-        ts = solve_times(o, sde, eps, steps, self.default_step_count, score.sigma_data, x[0].numel()).tolist()
+        n = steps or self.default_step_count
+        start = self.start_fraction(score, n)
+        ts = solve_times(o, sde, eps, n - 1 if start else steps, self.default_step_count, score.sigma_data, x[0].numel())
+        if start:
+            ts = with_start_step(sde, ts, start)
+        ts = ts.tolist()
         n = len(ts) - 1
-        orders = step_orders(n, o.order, o.lower_order_final, o.few_step_orders)
+        # after a start step the fit starts afresh: the order ramps up again from its end
+        orders = ([1] + step_orders(n - 1, o.order, o.lower_order_final, o.few_step_orders) if start
+                  else step_orders(n, o.order, o.lower_order_final, o.few_step_orders))
         fit = by_budget(FIT_BY_STEPS, n)
         lambda_nodes = o.lambda_nodes if o.lambda_nodes is not None else fit["lambda_nodes"]
         max_gain = o.max_gain if o.max_gain is not None else fit["max_gain"]
@@ -273,7 +294,18 @@ class Multistep(Solver):
             value, node = state.evaluate(x_pred, ts[i + 1])
             x = state.correct(x, ts[i], ts[i + 1], nodes, values, node, value, order) if o.corrector else x_pred
             nodes, values = state.remember(nodes, values, node, value)
+            if start and i == 0:
+                nodes, values = nodes[:1], values[:1]
         return x
+
+    def start_fraction(self, score: CountedScore, steps: int) -> float:
+        """The start step's fraction of the grid's first step (0: none) for a solve of ``steps`` steps."""
+        o = self.options
+        if o.start_step is not None:
+            if o.start_step and steps < 2:
+                raise SolverError(f"start_step needs at least 2 steps, got steps={steps}.")
+            return o.start_step
+        return START_STEP if score.predicts_noise and steps >= START_STEP_FROM and o.grid != "user" else 0.0
 
 
 @dataclasses.dataclass
@@ -294,7 +326,8 @@ class DDIM(Multistep):
         super().__init__(**options)
         o = self.options
         # order 1 in λ (x̂_0 held) and in σ (ε̂ held) is the same step, DDIM's
-        self.options = _MultistepOptions(order=1, corrector=False, variable="log_snr", **dataclasses.asdict(o))
+        self.options = _MultistepOptions(order=1, corrector=False, variable="log_snr", start_step=0.0,
+                                         **dataclasses.asdict(o))
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from solvers.base import SolverError
 
 Tensor = torch.Tensor
 
-__all__ = ["GRIDS", "GridKind", "GridOptions", "time_grid", "solve_times", "half_log_snr_at"]
+__all__ = ["GRIDS", "GridKind", "GridOptions", "time_grid", "solve_times", "with_start_step", "half_log_snr_at"]
 
 GRIDS = ("t", "log_snr", "edm", "focus", "user")
 GridKind = Literal["t", "log_snr", "edm", "focus", "user"]
@@ -86,6 +86,18 @@ def time_grid(sde: SDE, eps: float, steps: int, kind: str, rho: float = 7.0,
     t = sde.t_from_half_log_snr(lam)
     t[0], t[-1] = sde.T, eps                 # exact end points, whatever the inverse's rounding
     return t.to(dtype)
+
+
+def with_start_step(sde: SDE, times: Tensor, fraction: float) -> Tensor:
+    """``times`` with one more time, ``fraction`` of the way from T to times[1] in λ: a short first step.
+
+    Near T a network that predicts the noise gives x̂₀ = x̃ − σ ε̂, its error multiplied by σ, and that x̂₀ moves
+    fast over the first few per cent of σ; a step from T as long as the grid's first misses that motion
+    (docs/math.md §4.3, benchmarks/results/peers_log.md §14).
+    """
+    lam = sde.half_log_snr(times[:2].to(torch.float64))
+    inner = sde.t_from_half_log_snr(lam[:1] + fraction * (lam[1] - lam[0])).to(times.dtype)
+    return torch.cat([times[:1], inner, times[1:]])
 
 
 def _focus_cdf(v: Tensor, widths: tuple[float, float]) -> Tensor:

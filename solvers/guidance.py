@@ -120,6 +120,7 @@ class GuidedScore:
         self.classifier, self.threshold = classifier, dynamic_threshold
         self.batched = bool(declared)
         self.sigma_data = getattr(score_fn, "sigma_data", None)
+        self.predicts_noise = getattr(score_fn, "predicts_noise", False)
         if self.w not in (0.0, 1.0) and getattr(score_fn, "label_dropout", None) == 0:
             warnings.warn(f"guidance_scale={self.w:g} on a model trained without label dropout: its unconditional "
                           "branch s(x, t) was never trained, so the guided score may be poor; train with "

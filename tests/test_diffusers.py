@@ -180,6 +180,8 @@ def test_sample_and_v_predictions_give_the_epsilon_models_score(tmp_path, predic
     with torch.no_grad():
         ours, theirs = other(x, t), eps_model(x, t)
     assert (ours - theirs).abs().max() <= 1e-9 * theirs.abs().max()
+    # the same score, but only ε reaches x̂₀ multiplied by σ: no start step for the sampler (docs/math.md §4.3)
+    assert eps_model.predicts_noise and not other.predicts_noise
 
 
 def test_every_vp_scheduler_gives_the_same_beta_table(tmp_path):

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import solvers
-from models import GaussianMixture, MixtureScore, ring_mixture
+from models import GaussianMixture, MixtureScore, ScoreModel, ring_mixture
 from sde_lib import SDES, VPSDE
 from solvers.base import SolverError
-from solvers.grids import time_grid
+from solvers.exponential import _MultistepOptions
+from solvers.grids import solve_times, time_grid
 
 F64 = torch.float64
 STEPS = [100, 200, 400]
@@ -121,6 +122,9 @@ def test_time_grids(name):
     ({"grid": "user", "times": [1.0, 0.5, 0.6, 1e-3]}, "times must decrease strictly"),
     ({"grid": "user", "times": [0.9, 0.5, 1e-3]}, "times must decrease strictly from T"),
     ({"grid": "cosine"}, "grid"),
+    ({"start_step": 1.0}, r"start_step must be a fraction in \[0, 1\)"),
+    ({"start_step": 0.3, "grid": "user", "times": [1.0, 0.5, 1e-3]}, "with grid='user' put that time in times"),
+    ({"start_step": 0.3, "steps": 1}, "start_step needs at least 2 steps"),
 ])
 def test_bad_options_are_refused(options, match):
     sde = VPSDE()
@@ -314,3 +318,56 @@ def test_few_steps_cap_the_order():
     assert torch.equal(run(11), run(11, order=4))
     assert not torch.equal(run(6), run(6, few_step_orders=False))
     assert torch.equal(run(6, few_step_orders=False), run(6, order=4, few_step_orders=False))
+
+
+
+def _visited_times(predicts_noise, steps: int, solver: str = "multistep", **options) -> list[float]:
+    """The times a solve of the exact ring evaluates its score at, the score declaring ``predicts_noise``
+    (None: not at all, as a plain function)."""
+    sde = VPSDE()
+    exact = MixtureScore(sde, ring_mixture())
+    times = []
+
+    def score(x, t):
+        times.append(t[0].item())
+        return exact(x, t)
+
+    if predicts_noise is not None:
+        score.predicts_noise = predicts_noise
+    score.sigma_data = exact.sigma_data
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = solvers.sample(sde, score, z=z, solver=solver, steps=steps, eps=1e-3, **options)
+    assert out.nfe == steps == len(times)
+    return times
+
+
+def test_start_step_for_a_model_that_predicts_the_noise():
+    """From 10 steps, a model whose x̂₀ comes from ε or the score (it declares ``predicts_noise``) takes a short
+    first step: the grid of one step fewer with its first step split at 0.25 of its length in λ; any other model,
+    and fewer steps, the budget's grid. DDIM, a published discretisation, never does. (Its effect on a network:
+    tests/solvers/test_networks.py.)"""
+    sde = VPSDE()
+    sigma_data = MixtureScore(sde, ring_mixture()).sigma_data
+    plain = _visited_times(False, 12)
+    assert plain == _visited_times(None, 12)
+    assert plain == solve_times(_MultistepOptions(), sde, 1e-3, 12, 20, sigma_data, 2)[:-1].tolist()
+    split = _visited_times(True, 12)
+    shorter = solve_times(_MultistepOptions(), sde, 1e-3, 11, 20, sigma_data, 2)
+    lam = sde.half_log_snr(torch.tensor(split[:2], dtype=F64))
+    lam_grid = sde.half_log_snr(shorter[:2])
+    assert split[0] == sde.T and split[2:] == shorter[1:-1].tolist()
+    assert (lam[1] - lam[0]).item() == pytest.approx(0.25 * (lam_grid[1] - lam_grid[0]).item(), rel=1e-9)
+    assert _visited_times(True, 9) == _visited_times(False, 9)                     # below 10 steps: none
+    assert _visited_times(True, 12, start_step=0.0) == plain                        # turned off
+    assert _visited_times(False, 12, start_step=0.25) == split                      # asked for
+    ddim = _visited_times(True, 12, solver="ddim")
+    assert ddim == torch.linspace(sde.T, 1e-3, 13, dtype=F64)[:-1].tolist()
+
+
+def test_which_models_predict_the_noise():
+    """ScoreModel's parameterization eps and score do, x0 does not; an exact score declares nothing."""
+    sde = VPSDE()
+    net = torch.nn.Linear(2, 2)
+    declared = [ScoreModel(net, sde, parameterization=p).predicts_noise for p in ("eps", "score", "x0")]
+    assert declared == [True, True, False]
+    assert not hasattr(MixtureScore(sde, ring_mixture()), "predicts_noise")
