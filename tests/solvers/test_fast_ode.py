@@ -320,7 +320,6 @@ def test_few_steps_cap_the_order():
     assert torch.equal(run(6, few_step_orders=False), run(6, order=4, few_step_orders=False))
 
 
-
 def _visited_times(predicts_noise, steps: int, solver: str = "multistep", **options) -> list[float]:
     """The times a solve of the exact ring evaluates its score at, the score declaring ``predicts_noise``
     (None: not at all, as a plain function)."""
