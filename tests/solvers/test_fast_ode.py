@@ -4,6 +4,7 @@ Every multistep variant must converge at its order: k without the corrector, k +
 (the corrector re-fits through one more point), and Heun at order 2; the time grids must be
 what they say. The exact flow is dopri8 at rtol = atol = 1e-12 from the same noise.
 """
+import functools
 import math
 
 import numpy as np
@@ -320,46 +321,39 @@ def test_few_steps_cap_the_order():
     assert torch.equal(run(6, few_step_orders=False), run(6, order=4, few_step_orders=False))
 
 
-def _visited_times(predicts_noise, steps: int, solver: str = "multistep", **options) -> list[float]:
+def _visited_times(recording_ring_score, predicts_noise, steps: int, solver: str = "multistep",
+                   **options) -> list[float]:
     """The times a solve of the exact ring evaluates its score at, the score declaring ``predicts_noise``
     (None: not at all, as a plain function)."""
     sde = VPSDE()
-    exact = MixtureScore(sde, ring_mixture())
-    times = []
-
-    def score(x, t):
-        times.append(t[0].item())
-        return exact(x, t)
-
-    if predicts_noise is not None:
-        score.predicts_noise = predicts_noise
-    score.sigma_data = exact.sigma_data
+    score, times = recording_ring_score(sde, predicts_noise)
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     out = solvers.sample(sde, score, z=z, solver=solver, steps=steps, eps=1e-3, **options)
     assert out.nfe == steps == len(times)
     return times
 
 
-def test_start_step_for_a_model_that_predicts_the_noise():
+def test_start_step_for_a_model_that_predicts_the_noise(recording_ring_score):
     """From 10 steps, a model whose x̂₀ comes from ε or the score (it declares ``predicts_noise``) takes a short
     first step: the grid of one step fewer with its first step split at 0.25 of its length in λ; any other model,
     and fewer steps, the budget's grid. DDIM, a published discretisation, never does. (Its effect on a network:
     tests/solvers/test_networks.py.)"""
     sde = VPSDE()
+    visited = functools.partial(_visited_times, recording_ring_score)
     sigma_data = MixtureScore(sde, ring_mixture()).sigma_data
-    plain = _visited_times(False, 12)
-    assert plain == _visited_times(None, 12)
+    plain = visited(False, 12)
+    assert plain == visited(None, 12)
     assert plain == solve_times(_MultistepOptions(), sde, 1e-3, 12, 20, sigma_data, 2)[:-1].tolist()
-    split = _visited_times(True, 12)
+    split = visited(True, 12)
     shorter = solve_times(_MultistepOptions(), sde, 1e-3, 11, 20, sigma_data, 2)
     lam = sde.half_log_snr(torch.tensor(split[:2], dtype=F64))
     lam_grid = sde.half_log_snr(shorter[:2])
     assert split[0] == sde.T and split[2:] == shorter[1:-1].tolist()
     assert (lam[1] - lam[0]).item() == pytest.approx(0.25 * (lam_grid[1] - lam_grid[0]).item(), rel=1e-9)
-    assert _visited_times(True, 9) == _visited_times(False, 9)                     # below 10 steps: none
-    assert _visited_times(True, 12, start_step=0.0) == plain                        # turned off
-    assert _visited_times(False, 12, start_step=0.25) == split                      # asked for
-    ddim = _visited_times(True, 12, solver="ddim")
+    assert visited(True, 9) == visited(False, 9)  # below 10 steps: none
+    assert visited(True, 12, start_step=0.0) == plain  # turned off
+    assert visited(False, 12, start_step=0.25) == split  # asked for
+    ddim = visited(True, 12, solver="ddim")
     assert ddim == torch.linspace(sde.T, 1e-3, 13, dtype=F64)[:-1].tolist()
 
 
