@@ -21,8 +21,8 @@ from torch.func import jacrev, vjp, vmap
 from core_lib import build_options, finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, ScoreFn, SolverError, TimeProgress, check_finite
-from solvers.exponential import ORDERS, _ExponentialState, integral_weights, step_orders
-from solvers.grids import GridKind, GridOptions, by_budget, solve_times, time_grid
+from solvers.exponential import ORDERS, START_STEP, _ExponentialState, integral_weights, step_orders
+from solvers.grids import GridKind, GridOptions, by_budget, solve_times, time_grid, with_start_step
 from solvers.noise import NoiseSource
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
 
@@ -71,6 +71,12 @@ LIKELIHOOD_GRIDS = (
     (1, {"focus": 0.8, "focus_width_noise": 1.5, "focus_width_data": 1.6, "coverage": 0.0, "uniform_share": 0.0}),
     (35, {"focus": 0.4, "focus_width_noise": 1.5, "focus_width_data": 1.0, "coverage": 0.0, "uniform_share": 0.45}),
     (40, {"focus": 0.6, "focus_width_noise": 1.5, "focus_width_data": 2.2, "coverage": 0.35, "uniform_share": 0.0}))
+#: a model that predicts the noise (CountedScore.predicts_noise) gets, in ``method="multistep"`` from END_STEP_FROM
+#: steps, the sampler's start step at the grid's other end: the last step, into T, split at START_STEP of its length
+#: in λ (the budget's grid for one step fewer). Its F moves fast near T (docs/math.md §4.3); on the digits U-Net its
+#: mean error falls 1.4–2.5× at 40 NFE (two sets of test points) and 3× at 80; at 20 NFE, on the grid without a
+#: uniform share, it costs (benchmarks/results/likelihood.md).
+END_STEP_FROM = 35
 
 #: ``method="multistep"``: the ODE's own integral form (solvers/exponential.py) with the divergence on the same nodes
 MULTISTEP = "multistep"
@@ -85,6 +91,8 @@ class _LikelihoodOptions(GridOptions):
     variable: Literal["log_snr", "sigma", "angle"] = "angle"  # multistep: x̂_0 in λ, ε̂ in σ or F in the angle
     corrector: bool = True          # multistep: re-fit through each new point (no extra NFE)
     uniform_share: Optional[float] = 0.0   # grid="focus": no uniform-λ share (the sampler's default has one, set for sampling)
+    end_step: Optional[float] = None   # multistep: a last step (into T) this fraction of the grid's last in λ (0: none);
+                                       # None: START_STEP from END_STEP_FROM steps for a model that predicts the noise
     restart: float | None = 0.005   # multistep: restart a point's order ramp when its predictor–corrector gap
                                     # (RMS over dimensions, in z = x/κ) exceeds this; None: never
     refine: float | None = None     # multistep, exact divergence: solve again the points whose error estimate
@@ -116,7 +124,19 @@ class _LikelihoodOptions(GridOptions):
                                   "define: give a grid kind (or null for the likelihood's own), or drop refine.")
             if self.order not in ORDERS:
                 raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
+            if self.end_step is not None and not (isinstance(self.end_step, (int, float)) and 0 <= self.end_step < 1):
+                raise SolverError(f"end_step must be a fraction in [0, 1) (0: no end step) or None, "
+                                  f"got {self.end_step!r}.")
+            if self.end_step and self.grid == "user":
+                raise SolverError("end_step splits the grid's last step; with grid='user' put that time in times "
+                                  "instead.")
+            for key in ("steps", "refine_steps"):
+                if self.end_step and getattr(self, key) is not None and getattr(self, key) < 2:
+                    raise SolverError(f"end_step needs at least 2 steps, got {key}={getattr(self, key)}.")
         else:
+            if self.end_step is not None:
+                raise SolverError(f"end_step belongs to method='multistep', not to {self.method!r}: use "
+                                  f"method='multistep' with steps, or drop it.")
             check_method(self.method, self.steps)
             if self.refine is not None or self.refine_steps is not None:
                 raise SolverError(f"refine and refine_steps belong to method='multistep' (its error estimate), "
@@ -257,7 +277,10 @@ def _multistep_flow(sde: SDE, score: CountedScore, x: Tensor, eps: float, steps:
     real error of the few points whose divergence jumps within a step (a mode boundary crossed), where it is of
     the order of the error itself; elsewhere it is 10–100× larger than the error (benchmarks/results/likelihood.md).
     """
-    ts = _likelihood_times(opts, sde, eps, steps, score.sigma_data)
+    end = _end_fraction(opts, score, steps)
+    ts = _likelihood_times(opts, sde, eps, steps - 1 if end else steps, score.sigma_data)
+    if end:
+        ts = with_start_step(sde, torch.tensor(ts[::-1], dtype=torch.float64), end).flip(0).tolist()
     orders = step_orders(len(ts) - 1, opts.order, lower_order_final=False, few_step_orders=True)
     state = _ExponentialState(sde, score, x, opts.variable, score.sigma_data, history=max(orders))
     linear = None
@@ -303,6 +326,14 @@ def _multistep_flow(sde: SDE, score: CountedScore, x: Tensor, eps: float, steps:
         divs = [div, *divs][:state.history]
     kappa_eps, kappa_T = state.flow_coordinate(ts[0])[0], state.flow_coordinate(ts[-1])[0]
     return x, delta + x[0].numel() * math.log(kappa_T / kappa_eps), error
+
+
+def _end_fraction(opts: _LikelihoodOptions, score: CountedScore, steps: int) -> float:
+    """The end step's fraction of a ``steps``-step multistep solve: the option, else START_STEP for a model that
+    predicts the noise from END_STEP_FROM steps on a grid of our own, else 0 (none)."""
+    if opts.end_step is not None:
+        return opts.end_step
+    return START_STEP if score.predicts_noise and steps >= END_STEP_FROM and opts.grid != "user" else 0.0
 
 
 def _per_point(own: Tensor, order: int, result: Callable[[int], Tensor]) -> Tensor:
