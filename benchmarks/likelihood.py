@@ -12,12 +12,17 @@
    (``control_covariance``: the data's covariance) and Hutch++ (``sketch``), with the bias against the exact divergence
    on the same path. On the 16-D mixture (VP) and the shipped digits U-Net (``models/pretrained/digits_vp.pt``, 64
    dimensions, float32: in float64 the exact reference did not finish in 30 minutes).
+3. **A network that predicts the noise** (``--only noise``): the fixed-budget likelihood of the digits U-Net (an ε
+   network, float64, NOISE_POINTS dequantised test points, exact divergence) with its default end step (from
+   35 steps: ``solvers/likelihood.py`` END_STEP_FROM) and without it (``end_step=0``), against the multistep
+   likelihood at NOISE_REFERENCE_STEPS steps (its distance to the solve at half those steps is printed beside it).
 
 From the repository root::
 
     python benchmarks/likelihood.py                 # everything, into benchmarks/results/likelihood.md
     python benchmarks/likelihood.py --only networks # one part, into benchmarks/results/likelihood_networks.md
     python benchmarks/likelihood.py --merge         # the part files, concatenated into likelihood.md
+    python benchmarks/likelihood.py --only noise --threads 2   # the ε U-Net alone, ~26 minutes on 2 cores
 
 One thread per part. Measured: 13–14 minutes per part with the three parts side by side on 2 cores shared with
 other jobs (load average ≈ 6), so each part had well under one core.
@@ -52,7 +57,8 @@ REFINED = ((35, 0.3), (71, 0.03))                # (steps, refine): per-point NF
 DOPRI5_TOLERANCES = (1e-3, 1e-4, 1e-5)
 HUTCH_16D_POINTS, HUTCH_STEPS = 300, 39
 DIGITS_POINTS, DIGITS_STEPS = 20, 19
-PARTS = ("budget", "networks", "hutchinson")
+NOISE_POINTS, NOISE_REFERENCE_STEPS, NOISE_STEPS = 8, 319, (19, 39, 79)
+PARTS = ("budget", "networks", "hutchinson", "noise")
 OUT = ROOT / "benchmarks" / "results" / "likelihood.md"
 PART_HEADING = "## Budget → |error| (nats per point), exact divergence: exact problems\n"   # the first part's
 
@@ -148,6 +154,30 @@ def hutchinson_table(lines: list[str]) -> None:
                     DIGITS_STEPS, covariance)
 
 
+def noise_table(lines: list[str]) -> None:
+    """NFE → |error| of the multistep likelihood of the digits U-Net (it predicts ε), with and without the end step."""
+    model = load_checkpoint(pretrained_path("digits", "vp"))
+    data = load_dataset("digits")
+    x = scored_points(data, data.test[:NOISE_POINTS].float(), seed=0).double()
+    sde, score = model.sde, model.score_fn.double()
+    ref = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=NOISE_REFERENCE_STEPS)
+    half = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=(NOISE_REFERENCE_STEPS - 1) // 2)
+    gap = (half.logp - ref.logp).abs()
+    lines += [f"### digits_vp.pt (64-D U-Net, ε-parameterized, float64): {NOISE_POINTS} dequantised test points", "",
+              f"Reference: multistep at {ref.nfe} NFE ({ref.seconds:.0f} s); at {half.nfe} NFE it differs from it by "
+              f"{gap.mean():.1e} on average, {gap.max():.1e} at most.", "",
+              "| method | NFE | seconds | mean | median | 90 % | max |", "|---|---|---|---|---|---|---|"]
+    start = len(lines)
+    for steps in NOISE_STEPS:
+        variants = [("multistep (default)", {}), ("multistep, end_step=0", {"end_step": 0.0})]
+        if steps < solvers.likelihood.END_STEP_FROM:
+            variants = [("multistep (default: no end step)", {}), ("multistep, end_step=0.25", {"end_step": 0.25})]
+        for label, options in variants:
+            r = solvers.log_likelihood(sde, score, x, eps=EPS, method="multistep", steps=steps, **options)
+            lines.append(error_row(label, str(r.nfe), r.seconds, (r.logp - ref.logp).abs()))
+    lines.append("")
+    print("\n".join(lines[start - 5:]), flush=True)
+
 def part_file(part: str) -> pathlib.Path:
     return OUT.with_name(f"likelihood_{part}.md")
 
@@ -157,8 +187,9 @@ def main() -> None:
     parser.add_argument("--only", choices=PARTS, help="run one part, into likelihood_<part>.md")
     parser.add_argument("--problems", help="budget: only the problems whose label starts with this (e.g. ring)")
     parser.add_argument("--merge", action="store_true", help="concatenate the part files into likelihood.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: parts run side by side)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.merge:
         text = [part_file(p).read_text() for p in PARTS]
         # the hand-written reading above the tables (everything before the first part's heading) is kept
@@ -174,14 +205,18 @@ def main() -> None:
     for part in PARTS if args.only is None else (args.only,):
         title = {"budget": PART_HEADING[3:].rstrip(),
                  "networks": "Budget → |error| (nats per point), exact divergence: the shipped ring networks",
-                 "hutchinson": "Hutchinson: standard error against cost"}[part]
-        lines += [f"## {title}", "", f"{datetime.date.today()}, one thread, float64 unless said, eps = {EPS:g}.", ""]
+                 "hutchinson": "Hutchinson: standard error against cost",
+                 "noise": "Budget → |error| (nats per point), exact divergence: a network that predicts the noise"}[part]
+        threads = "one thread" if args.threads == 1 else f"{args.threads} threads"
+        lines += [f"## {title}", "", f"{datetime.date.today()}, {threads}, float64 unless said, eps = {EPS:g}.", ""]
         if part == "budget":
             budget_table(lines, exact_problems(), args.problems)
         elif part == "networks":
             budget_table(lines, networks(), args.problems)
-        else:
+        elif part == "hutchinson":
             hutchinson_table(lines)
+        else:
+            noise_table(lines)
     lines.append(f"Total {time.perf_counter() - start:.0f} s.\n")
     out = OUT if args.only is None else part_file(args.only)
     out.write_text("\n".join(lines))
