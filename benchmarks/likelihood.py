@@ -178,6 +178,7 @@ def noise_table(lines: list[str]) -> None:
     lines.append("")
     print("\n".join(lines[start - 5:]), flush=True)
 
+
 def part_file(part: str) -> pathlib.Path:
     return OUT.with_name(f"likelihood_{part}.md")
 

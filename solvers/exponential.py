@@ -58,6 +58,24 @@ START_STEP = 0.25
 START_STEP_FROM = 10
 
 
+def check_step_at_t(name: str, value, grid, which: str) -> None:
+    """Refuse a ``start_step``-like option ``name`` (the sampler's, the likelihood's ``end_step``) that is not a
+    fraction in [0, 1) or None, or that would split a user grid's ``which`` step."""
+    if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise SolverError(f"{name} must be a fraction in [0, 1) (0: no {name.replace('_', ' ')}) or None, "
+                          f"got {value!r}.")
+    if value and grid == "user":
+        raise SolverError(f"{name} splits the grid's {which} step; with grid='user' put that time in times instead.")
+
+
+def step_at_t(option: float | None, score: CountedScore, steps: int, since: int, grid) -> float:
+    """The fraction at which a solve of ``steps`` steps splits its step at T (0: none): ``option`` when given, else
+    START_STEP for a model that predicts the noise from ``since`` steps on, on a grid of our own."""
+    if option is not None:
+        return option
+    return START_STEP if score.predicts_noise and steps >= since and grid != "user" else 0.0
+
+
 def _phi_integrals(h: float, n: int) -> list[float]:
     """I_j = ∫_0^h e^{u−h} u^j du for j < n: I_0 = 1 − e^{−h}, I_j = h^j − j I_{j−1}."""
     out = [-math.expm1(-h)]
@@ -240,10 +258,7 @@ class _MultistepOptions(GridOptions):
     def validate(self):
         if self.order not in ORDERS:
             raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
-        if self.start_step is not None and not 0 <= self.start_step < 1:
-            raise SolverError(f"start_step must be a fraction in [0, 1) (0: no start step) or None, got {self.start_step}.")
-        if self.start_step and self.grid == "user":
-            raise SolverError("start_step splits the grid's first step; with grid='user' put that time in times instead.")
+        check_step_at_t("start_step", self.start_step, self.grid, "first")
         if self.max_gain is not None and not self.max_gain >= 1:
             raise SolverError(f"max_gain must be a number ≥ 1 (inf: no bound; null: the default), got {self.max_gain}.")
         super().validate()
@@ -301,11 +316,9 @@ class Multistep(Solver):
     def start_fraction(self, score: CountedScore, steps: int) -> float:
         """The start step's fraction of the grid's first step (0: none) for a solve of ``steps`` steps."""
         o = self.options
-        if o.start_step is not None:
-            if o.start_step and steps < 2:
-                raise SolverError(f"start_step needs at least 2 steps, got steps={steps}.")
-            return o.start_step
-        return START_STEP if score.predicts_noise and steps >= START_STEP_FROM and o.grid != "user" else 0.0
+        if o.start_step and steps < 2:
+            raise SolverError(f"start_step needs at least 2 steps, got steps={steps}.")
+        return step_at_t(o.start_step, score, steps, START_STEP_FROM, o.grid)
 
 
 @dataclasses.dataclass

@@ -21,7 +21,8 @@ from torch.func import jacrev, vjp, vmap
 from core_lib import build_options, finite_positive
 from sde_lib import SDE
 from solvers.base import CountedScore, ScoreFn, SolverError, TimeProgress, check_finite
-from solvers.exponential import ORDERS, START_STEP, _ExponentialState, integral_weights, step_orders
+from solvers.exponential import (ORDERS, _ExponentialState, check_step_at_t, integral_weights, step_at_t,
+                                  step_orders)
 from solvers.grids import GridKind, GridOptions, by_budget, solve_times, time_grid, with_start_step
 from solvers.noise import NoiseSource
 from solvers.ode import ADAPTIVE_METHODS, FIXED_METHODS, check_method, odeint_between, pf_ode_drift
@@ -124,12 +125,7 @@ class _LikelihoodOptions(GridOptions):
                                   "define: give a grid kind (or null for the likelihood's own), or drop refine.")
             if self.order not in ORDERS:
                 raise SolverError(f"order must be one of {ORDERS}, got {self.order}.")
-            if self.end_step is not None and not (isinstance(self.end_step, (int, float)) and 0 <= self.end_step < 1):
-                raise SolverError(f"end_step must be a fraction in [0, 1) (0: no end step) or None, "
-                                  f"got {self.end_step!r}.")
-            if self.end_step and self.grid == "user":
-                raise SolverError("end_step splits the grid's last step; with grid='user' put that time in times "
-                                  "instead.")
+            check_step_at_t("end_step", self.end_step, self.grid, "last")
             for key in ("steps", "refine_steps"):
                 if self.end_step and getattr(self, key) is not None and getattr(self, key) < 2:
                     raise SolverError(f"end_step needs at least 2 steps, got {key}={getattr(self, key)}.")
@@ -232,16 +228,21 @@ def _control_matrix(f_lin: Callable[[Tensor], Tensor], like: Tensor) -> Tensor:
     return jac.reshape(d, d)
 
 
-def _likelihood_times(opts: _LikelihoodOptions, sde: SDE, eps: float, steps: int, sigma_data: float) -> list[float]:
-    """The multistep likelihood's grid, eps first and T last: ``grid`` as given, or by default the likelihood's own
-    (LIKELIHOOD_GRIDS, fixed here so that it does not move with the sampler's defaults; docs/math.md §6.1)."""
+def _likelihood_times(opts: _LikelihoodOptions, sde: SDE, eps: float, steps: int, sigma_data: float,
+                      end: float = 0.0) -> list[float]:
+    """The multistep likelihood's grid of ``steps`` steps, eps first and T last: ``grid`` as given, or by default the
+    likelihood's own (LIKELIHOOD_GRIDS, fixed here so that it does not move with the sampler's defaults; docs/math.md
+    §6.1). ``end`` > 0: the grid of steps − 1 steps with its last step, into T, split at that fraction in λ."""
+    n = steps - 1 if end else steps
     if opts.grid is not None:
-        ts = solve_times(opts, sde, eps, steps, steps, sigma_data)
+        ts = solve_times(opts, sde, eps, n, n, sigma_data)
     else:
-        g = by_budget(LIKELIHOOD_GRIDS, steps)
-        ts = time_grid(sde, eps, steps, "focus", focus_sigma=g["focus"] * sigma_data,
+        g = by_budget(LIKELIHOOD_GRIDS, n)
+        ts = time_grid(sde, eps, n, "focus", focus_sigma=g["focus"] * sigma_data,
                        focus_width=(g["focus_width_noise"], g["focus_width_data"]), coverage=g["coverage"],
                        uniform_share=g["uniform_share"])
+    if end:
+        ts = with_start_step(sde, ts, end)
     return ts.flip(0).tolist()
 
 
@@ -277,10 +278,8 @@ def _multistep_flow(sde: SDE, score: CountedScore, x: Tensor, eps: float, steps:
     real error of the few points whose divergence jumps within a step (a mode boundary crossed), where it is of
     the order of the error itself; elsewhere it is 10–100× larger than the error (benchmarks/results/likelihood.md).
     """
-    end = _end_fraction(opts, score, steps)
-    ts = _likelihood_times(opts, sde, eps, steps - 1 if end else steps, score.sigma_data)
-    if end:
-        ts = with_start_step(sde, torch.tensor(ts[::-1], dtype=torch.float64), end).flip(0).tolist()
+    end = step_at_t(opts.end_step, score, steps, END_STEP_FROM, opts.grid)
+    ts = _likelihood_times(opts, sde, eps, steps, score.sigma_data, end)
     orders = step_orders(len(ts) - 1, opts.order, lower_order_final=False, few_step_orders=True)
     state = _ExponentialState(sde, score, x, opts.variable, score.sigma_data, history=max(orders))
     linear = None
@@ -326,14 +325,6 @@ def _multistep_flow(sde: SDE, score: CountedScore, x: Tensor, eps: float, steps:
         divs = [div, *divs][:state.history]
     kappa_eps, kappa_T = state.flow_coordinate(ts[0])[0], state.flow_coordinate(ts[-1])[0]
     return x, delta + x[0].numel() * math.log(kappa_T / kappa_eps), error
-
-
-def _end_fraction(opts: _LikelihoodOptions, score: CountedScore, steps: int) -> float:
-    """The end step's fraction of a ``steps``-step multistep solve: the option, else START_STEP for a model that
-    predicts the noise from END_STEP_FROM steps on a grid of our own, else 0 (none)."""
-    if opts.end_step is not None:
-        return opts.end_step
-    return START_STEP if score.predicts_noise and steps >= END_STEP_FROM and opts.grid != "user" else 0.0
 
 
 def _per_point(own: Tensor, order: int, result: Callable[[int], Tensor]) -> Tensor:
