@@ -2,7 +2,7 @@
 
 Any solver with a fixed number of steps takes its grid from here through :class:`GridOptions`
 (the options ``grid``, ``rho``, ``focus``, ``focus_width_noise``, ``focus_width_data``, ``coverage``,
-``uniform_share``, ``times``)
+``uniform_share``, ``times``, ``warp``)
 and :func:`solve_times`: ``multistep``, ``ddim``, ``heun``, ``pf_ode`` with a fixed-grid method,
 and ``euler_maruyama``. A new grid is one branch of :func:`time_grid` (docs/math.md §4.3).
 """
@@ -19,7 +19,8 @@ from solvers.base import SolverError
 
 Tensor = torch.Tensor
 
-__all__ = ["GRIDS", "GridKind", "GridOptions", "time_grid", "solve_times", "with_start_step", "half_log_snr_at"]
+__all__ = ["GRIDS", "GridKind", "GridOptions", "time_grid", "solve_times", "with_start_step", "half_log_snr_at",
+           "warped", "MAX_WARP_KNOTS"]
 
 GRIDS = ("t", "log_snr", "edm", "focus", "user")
 GridKind = Literal["t", "log_snr", "edm", "focus", "user"]
@@ -100,6 +101,32 @@ def with_start_step(sde: SDE, times: Tensor, fraction: float) -> Tensor:
     return torch.cat([times[:1], inner, times[1:]])
 
 
+#: the most knots a grid's warp may have (``GridOptions.warp``)
+MAX_WARP_KNOTS = 64
+
+
+def warped(sde: SDE, times: Tensor, warp: List[float]) -> Tensor:
+    """``times`` with each step's length in λ multiplied by e^{w}, w the piecewise-linear interpolant of ``warp``'s
+    knots (equally spaced from the first step to the last), then all scaled back to the same span: T and eps stay.
+
+    All-zero knots give ``times`` back. A warp is what ``solvers.calibrate`` fits to one model and budget.
+    """
+    if not any(warp):
+        return times
+    lam = sde.half_log_snr(times.to(torch.float64))
+    steps = lam[1:] - lam[:-1]
+    knots = torch.tensor(warp, dtype=torch.float64)
+    where = torch.linspace(0, len(warp) - 1, len(steps), dtype=torch.float64)
+    low = where.floor().long().clamp(max=len(warp) - 1)
+    high = (low + 1).clamp(max=len(warp) - 1)
+    w = knots[low] + (where - low) * (knots[high] - knots[low])
+    scaled = steps * w.exp()
+    scaled = scaled * (steps.sum() / scaled.sum())
+    out = sde.t_from_half_log_snr(torch.cat([lam[:1], lam[0] + torch.cumsum(scaled, 0)])).to(times.dtype)
+    out[0], out[-1] = times[0], times[-1]
+    return out
+
+
 def _focus_cdf(v: Tensor, widths: tuple[float, float]) -> Tensor:
     """The focus density's CDF from v = λ − λ_c = 0: w·gd(v/w), gd(v) = atan(sinh v) the Gudermannian,
     with w = widths[0] on the noisy side (v < 0) and widths[1] on the data side."""
@@ -166,6 +193,8 @@ class GridOptions:
     times: Optional[List[float]] = None   # grid="user": [T, ..., eps]
     coverage: Optional[float] = None   # grid="focus": share of the steps spread as grid="edm"; None: 0.35 from 40 steps, else 0
     uniform_share: Optional[float] = None   # grid="focus": share spread as grid="log_snr"; None: 0.5
+    warp: Optional[List[float]] = None   # any grid but "user": knots of the log step-length change in λ (see warped);
+                                         # solvers.calibrate fits one per model and budget; None: no warp
 
     def validate(self):
         for name in ("coverage", "uniform_share"):
@@ -178,6 +207,13 @@ class GridOptions:
                               f"{self.rho}, {self.focus}, {self.focus_width_noise}, {self.focus_width_data}.")
         if self.grid == "user" and not self.times:
             raise SolverError("grid='user' needs times=[T, ..., eps].")
+        if self.warp is not None:
+            if self.grid == "user":
+                raise SolverError("warp changes a grid of ours; with grid='user' put the warped times in times instead.")
+            if (not isinstance(self.warp, (list, tuple)) or not 1 <= len(self.warp) <= MAX_WARP_KNOTS
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= 10 for v in self.warp)):
+                raise SolverError(f"warp must be a list of 1 to {MAX_WARP_KNOTS} numbers in [-10, 10] (log step-length "
+                                  f"changes; solvers.calibrate.calibrate_grid makes one) or None, got {self.warp!r}.")
 
 
 def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, default_steps: int,
@@ -200,6 +236,7 @@ def solve_times(options: GridOptions, sde: SDE, eps: float, steps: int | None, d
     row = by_budget(GRID_BY_STEPS, steps)
     focus, width_data, coverage, uniform = (getattr(options, name) if getattr(options, name) is not None else row[name]
                                             for name in ("focus", "focus_width_data", "coverage", "uniform_share"))
-    return time_grid(sde, eps, steps, kind, options.rho, focus_sigma=focus * sigma_data * math.sqrt(dim / 2),
-                     focus_width=(options.focus_width_noise, width_data), coverage=coverage,
-                     uniform_share=uniform)
+    times = time_grid(sde, eps, steps, kind, options.rho, focus_sigma=focus * sigma_data * math.sqrt(dim / 2),
+                      focus_width=(options.focus_width_noise, width_data), coverage=coverage,
+                      uniform_share=uniform)
+    return times if options.warp is None else warped(sde, times, list(options.warp))

@@ -120,6 +120,9 @@ class _ODEOptions(GridOptions):
         if self.grid is not None and self.method in ADAPTIVE_METHODS:
             raise SolverError(f"grid={self.grid!r} needs a fixed-grid method ({', '.join(FIXED_METHODS)}); "
                               f"the adaptive {self.method!r} chooses its own steps.")
+        if self.warp is not None and self.method in ADAPTIVE_METHODS:
+            raise SolverError(f"warp needs a fixed-grid method ({', '.join(FIXED_METHODS)}); "
+                              f"the adaptive {self.method!r} chooses its own steps.")
         GridOptions.validate(self)
 
 
