@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from core_lib import UserError, distributed
 from evaluation import claim_run_dir, load_data
 from models import build_score_model
+from tasks_lib.calibrate import calibrate_task
 from tasks_lib.checks import check_config, check_device
 from tasks_lib.classifier import train_classifier_task
 from tasks_lib.compare import compare_task
@@ -52,7 +53,8 @@ def train_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str
 
 
 TASKS = {"sample": sample_task, "likelihood": likelihood_task, "compare": compare_task, "train": train_task,
-         "export": export_task, "train_classifier": train_classifier_task, "inpaint": inpaint_task}
+         "calibrate": calibrate_task, "export": export_task, "train_classifier": train_classifier_task,
+         "inpaint": inpaint_task}
 
 
 def run_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[str, Any]:

@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from core_lib import UserError, build_options, distributed
 from evaluation import LOGGERS
 from models.networks import PRECISIONS
+from tasks_lib.calibrate import check_calibration
 from tasks_lib.export import export_source
 from tasks_lib.inpaint import check_inpaint
 from tasks_lib.model_source import build_sde, diffusers_request, keys_in
-from tasks_lib.sample import check_solver_options, dtype_of, likelihood_config
+from tasks_lib.sample import calibrated_warp, check_solver_options, dtype_of, likelihood_config
 from tasks_lib.schema import TASK_SCHEMAS, GuidanceConfig, InpaintConfig
 from training import check_batch_split, check_train_config
 
@@ -149,10 +150,13 @@ def check_solver_applies(cfg: DictConfig, overridden: set[str]) -> None:
     set_here = keys_in(overridden, "solver")
     name = cfg.task.name
     replace = name == "inpaint" and cfg.inpaint.method == "replace"
+    if name == "calibrate" and "solver.steps" in set_here:
+        raise UserError("solver.steps does not apply to task=calibrate, which fits a warp for each of task.budgets: "
+                        "set task.budgets=[N, ...] instead.")
     if replace and "solver.steps" in set_here:
         raise UserError("solver.steps does not apply to task=inpaint, whose solver takes task.steps: set "
                         "task.steps=N instead.")
-    if not set_here or name == "sample" or replace:
+    if not set_here or name in ("sample", "calibrate") or replace:
         return
     if name == "inpaint":
         instead = (f"inpaint.method={cfg.inpaint.method} samples with its own sampler: set inpaint.method=replace to "
@@ -205,3 +209,6 @@ def check_config(cfg: DictConfig, overridden: set[str] | None = None) -> None:
         if steps is not None and steps < 1:
             raise UserError(f"solver.steps: must be a positive integer or null, got {steps}.")
         check_solver_options(cfg)
+        calibrated_warp(cfg)
+    if name == "calibrate":
+        check_calibration(cfg)

@@ -9,6 +9,7 @@ held-out digits, and for class-conditional samples the share it assigns to their
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from data_lib import Dataset
 from evaluation import (HeldOutLikelihood, LikelihoodConfig, RunOutput, class_accuracy,
                         frechet_distance, held_out_likelihood, load_digits_classifier, log_likelihood_on_ranks,
                         sample_on_ranks, sample_quality, save_samples, save_trajectories, sliced_wasserstein)
+from solvers.calibrate import GridCalibration
 from solvers.guidance import GuidanceWarning
 from tasks_lib.model_source import Guidance, ResolvedModel, resolve_guidance, resolve_model
 
-__all__ = ["sample_task", "likelihood_task", "check_solver_options", "dtype_of", "likelihood_config", "write_config",
+__all__ = ["sample_task", "likelihood_task", "check_solver_options", "calibrated_warp", "solver_defaults",
+           "CALIBRATION_FILE", "dtype_of", "likelihood_config", "write_config",
            "header", "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
 
 
@@ -42,6 +45,53 @@ def check_solver_options(cfg: DictConfig) -> None:
         solvers.get_solver(cfg.solver.name)(**OmegaConf.to_container(cfg.solver.options, resolve=True))
     except solvers.SolverError as err:  # the option's own message
         raise UserError(f"solver.options ({cfg.solver.name}): {err}") from None
+
+
+#: what task=calibrate writes and task=sample's task.calibration reads
+CALIBRATION_FILE = "grid_calibration.json"
+
+
+def solver_defaults(solver: str) -> dict[str, Any]:
+    """The options of ``solver`` as its ``Options`` dataclass sets them."""
+    return dataclasses.asdict(solvers.get_solver(solver).Options())
+
+
+def calibrated_warp(cfg: DictConfig) -> list[float] | None:
+    """The warp ``task.calibration`` holds for this solve, or None without one; a UserError if it does not fit."""
+    path = cfg.task.get("calibration")
+    if path is None:
+        return None
+    try:
+        cal = GridCalibration.load(path)
+    except FileNotFoundError:
+        raise UserError(f"task.calibration={path}: no such file; give the {CALIBRATION_FILE} that task=calibrate "
+                        "wrote, or drop it.") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"task.calibration={path} is not a grid calibration ({type(err).__name__}: {err}); give the "
+                        f"{CALIBRATION_FILE} that task=calibrate wrote.") from None
+    options = OmegaConf.to_container(cfg.solver.options, resolve=True)
+    if options.get("warp") is not None:
+        raise UserError("solver.options.warp and task.calibration both set the grid's warp: drop one.")
+    solver = cfg.solver.name
+    steps = cfg.solver.steps or solvers.get_solver(solver).default_step_count
+    if solver != cal.solver:
+        raise UserError(f"task.calibration={path} was fitted for solver={cal.solver}, not solver={solver}: sample "
+                        f"with solver={cal.solver}, or calibrate this one.")
+    if steps not in cal.warps:
+        raise UserError(f"task.calibration={path} has warps for solver.steps in {sorted(cal.warps)}, not {steps}: "
+                        f"set solver.steps to one of them, or calibrate with task.budgets=[{steps}].")
+    given = {k: v for k, v in options.items() if k != "warp"}
+    default = {k: v for k, v in solver_defaults(solver).items() if k != "warp"}
+    differ = sorted(k for k in set(given) | set(cal.options)
+                    if given.get(k, default.get(k)) != cal.options.get(k, default.get(k)))
+    if differ:
+        raise UserError(f"task.calibration={path} was fitted with other solver.options ({', '.join(differ)}): use "
+                        "the options it was fitted with, or calibrate with these.")
+    eps = cfg.task.eps
+    if eps is not None and abs(eps - cal.eps) > 1e-12 * cal.eps:
+        raise UserError(f"task.calibration={path} was fitted for eps={cal.eps}, not task.eps={eps}: set "
+                        f"task.eps={cal.eps}, or calibrate with task.eps={eps}.")
+    return cal.warp(steps)
 
 
 def likelihood_config(cfg: DictConfig) -> LikelihoodConfig:
@@ -199,6 +249,8 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     if guidance.warning:
         out.say(guidance.warning)
     options = OmegaConf.to_container(cfg.solver.options, resolve=True)
+    if tc.calibration is not None:   # checked before any work (check_config)
+        options["warp"] = calibrated_warp(cfg)
     with quiet_guidance():
         result = sample_on_ranks(model.sde, model.score_fn, (tc.n_samples, *model.event_shape),
                                  solver=cfg.solver.name, steps=cfg.solver.steps, eps=tc.eps, seed=cfg.seed,
@@ -207,6 +259,8 @@ def sample_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict[st
     samples = result.samples.cpu()
     metrics = {**header(cfg, model), "solver": cfg.solver.name, "n_samples": tc.n_samples, "nfe": result.nfe,
                "sample_seconds": result.seconds}
+    if tc.calibration is not None:
+        metrics["calibration"] = tc.calibration
     if guidance.describe():
         metrics["guidance"] = guidance.describe()
     if model.data is None:

@@ -37,8 +37,8 @@ from models.classifier import CLASSIFIERS
 from models.networks import DERIVED_ARGS, EMBEDDINGS, NETWORKS
 from training.config import TrainConfig
 
-__all__ = ["Config", "LikelihoodConfig", "GuidanceConfig", "SampleTask", "LikelihoodTask", "CompareTask", "ExportTask", "TrainClassifierTask",
-           "InpaintTask",
+__all__ = ["Config", "LikelihoodConfig", "GuidanceConfig", "SampleTask", "LikelihoodTask", "CompareTask", "CalibrateTask",
+           "ExportTask", "TrainClassifierTask", "InpaintTask",
            "register_configs",
            "TASK_SCHEMAS", "model_schema"]
 
@@ -52,6 +52,8 @@ class SampleTask:
     eps: Optional[float] = None  # final time of sampling; null: 1e-3 (VP, sub-VP) or 1e-5 (VE)
     trajectories: int = 8       # paths drawn in trajectories.png (0: none; at most n_samples)
     likelihood: bool = True     # also the ODE log-likelihood of likelihood.n_eval test points
+    calibration: Optional[str] = None   # grid_calibration.json of task=calibrate: the solve takes its warp for
+                                        # solver.steps (same solver, options and eps); null: the solver's own grid
 
     def validate(self) -> None:
         require(self.n_samples >= 1, "task.n_samples", self.n_samples, "must be a positive integer")
@@ -127,6 +129,32 @@ class CompareTask:
                 "must be null or in (0, T = 1)")
         require(finite_positive(self.reference_rtol), "task.reference_rtol", self.reference_rtol,
                 "must be a finite positive number")
+
+
+@dataclasses.dataclass
+class CalibrateTask:
+    """``task=calibrate``: a warp of the solver's grid fitted to the model at each budget (``solvers.calibrate``),
+    written to ``grid_calibration.json`` for ``task=sample task.calibration=PATH``."""
+
+    name: str = "calibrate"
+    budgets: List[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])  # steps to fit a warp for
+    pilot: int = 256            # pilot samples the warps are fitted on (drawn from seed)
+    evaluations: int = 200      # Nelder–Mead's solves of the pilot per budget
+    knots: int = 8              # knots of each warp (at most one per step)
+    eps: Optional[float] = None  # final time; null: 1e-3 (VP, sub-VP) or 1e-5 (VE); the samples must use the same
+    reference_rtol: Optional[float] = None  # tolerance of the pilot's exact flow (pf_ode, dopri8); null: 1e-8 with
+                                            # dtype=float64, 1e-6 with float32
+
+    def validate(self) -> None:
+        require(len(self.budgets) > 0 and all(b >= 2 for b in self.budgets), "task.budgets", list(self.budgets),
+                "must be step counts ≥ 2")
+        require(self.pilot >= 2, "task.pilot", self.pilot, "must be an integer ≥ 2")
+        require(self.evaluations >= 2, "task.evaluations", self.evaluations, "must be an integer ≥ 2")
+        require(self.knots >= 1, "task.knots", self.knots, "must be a positive integer")
+        require(self.eps is None or (finite_positive(self.eps) and self.eps < 1), "task.eps", self.eps,
+                "must be null or in (0, T = 1)")
+        require(self.reference_rtol is None or finite_positive(self.reference_rtol) and self.reference_rtol < 1,
+                "task.reference_rtol", self.reference_rtol, "must be null or in (0, 1)")
 
 
 @dataclasses.dataclass
@@ -211,7 +239,8 @@ class InpaintConfig:
 
 
 TASK_SCHEMAS = {"sample": SampleTask, "likelihood": LikelihoodTask, "compare": CompareTask, "train": TrainConfig,
-                "export": ExportTask, "train_classifier": TrainClassifierTask, "inpaint": InpaintTask}
+                "calibrate": CalibrateTask, "export": ExportTask, "train_classifier": TrainClassifierTask,
+                "inpaint": InpaintTask}
 
 
 @dataclasses.dataclass

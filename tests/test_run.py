@@ -45,7 +45,7 @@ def test_solver_configs_are_the_registry():
 
 
 def test_task_group_has_every_task():
-    names = ["compare", "export", "inpaint", "likelihood", "sample", "train", "train_classifier"]
+    names = ["calibrate", "compare", "export", "inpaint", "likelihood", "sample", "train", "train_classifier"]
     assert sorted(p.stem for p in (CONF / "task").glob("*.yaml")) == names
     for name in names:
         assert compose(f"task={name}").task.name == name
@@ -230,7 +230,7 @@ def test_a_solver_setting_the_task_would_ignore_is_refused(tmp_path, args, messa
                                       "inpaint.method=replace to use the solver"),
     (["task=inpaint", "inpaint.method=replace", "solver=ddim", "solver.steps=10"],
      "error: solver.steps does not apply to task=inpaint, whose solver takes task.steps"),
-    (["task=fit"], "error: task=fit: no such choice; available: compare, export, inpaint, likelihood, sample, train, train_classifier."),
+    (["task=fit"], "error: task=fit: no such choice; available: calibrate, compare, export, inpaint, likelihood, sample, train, train_classifier."),
     (["data=moons"], "error: no pretrained model for data=moons with sde=vp"),
     (["data=moons", "ckpt=exact"], "error: data=moons has no exact score"),
     (["ckpt=/nonexistent/last.pt"], "error: no checkpoint at /nonexistent/last.pt"),
