@@ -109,9 +109,9 @@ def report(parts: list[dict]) -> str:
         "# Our `multistep` on a calibrated grid, against the peers\n",
         f"`python benchmarks/peers_calibrated.py`; torch {torch.__version__}. Per problem and budget, "
         f"`solvers.calibrate.calibrate_grid` fits a warp of our default grid ({EVALUATIONS} Nelder–Mead solves, "
-        f"{EVALUATIONS_DIGITS} on the digits U-Net, of a pilot draw, seed {PILOT_SEED}, against the pilot's own exact flow) and keeps it where a validation draw of "
-        f"as many samples (seed {PILOT_SEED + 1}) agrees; the samples below are neither's. Where no warp was kept the "
-        "calibrated sampler is the default. "
+        f"{EVALUATIONS_DIGITS} on the digits U-Net, of a pilot draw, seed {PILOT_SEED}, against the pilot's own exact "
+        f"flow) and keeps it where a validation draw of as many samples (seed {PILOT_SEED + 1}) agrees; the samples "
+        "below are neither's. Where no warp was kept the calibrated sampler is the default. "
         "Each cell: ours calibrated ÷ the best peer, ours by default ÷ the same peer in brackets (goal ≤ 0.5).\n",
         f"## The table's samples (seed 0), ÷ the stored best peer of `peers.json` (worst calibrated cell "
         f"{worst('table', 'table_peer'):.2f})\n", *table("table", "table_peer"), "",

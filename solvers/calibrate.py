@@ -100,9 +100,9 @@ def calibrate_grid(sde: SDE, score_fn, budgets: Iterable[int], *, event_shape: t
 
     ``knots``: the warp's knots (at most one per step); ``evaluations``: Nelder–Mead's solves of the pilot per
     budget. ``validation``: samples of a second draw (seed + 1, None: as many as the pilot, 0: none) on which the
-    fitted warp must beat the solver's own grid too, or it is not kept. ``options``: the solver's other options, as the samples will be drawn with them (a warp fitted to one
-    set of options is not meant for another). ``reference_rtol`` None: 1e-8 in float64, 1e-6 in float32 (whose
-    rounding a tighter tolerance would chase).
+    fitted warp must beat the solver's own grid too, or it is not kept. ``options``: the solver's other options, as
+    the samples will be drawn with them (a warp fitted to one set of options is not meant for another).
+    ``reference_rtol`` None: 1e-8 in float64, 1e-6 in float32 (whose rounding a tighter tolerance would chase).
     """
     options = dict(options or {})
     budgets = sorted({int(b) for b in budgets})
@@ -173,9 +173,9 @@ def check_request(solver: str, options: dict, budgets: list[int], pilot: int, kn
         raise SolverError(f"{err} Calibrate a fixed-grid solver such as 'multistep', or fix the option.") from None
     if not budgets or any(b < 2 for b in budgets):
         raise SolverError(f"budgets must be step counts ≥ 2, got {budgets}.")
-    for name, value in (("pilot", pilot), ("knots", knots), ("evaluations", evaluations)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 2 - (name == "knots"):
-            raise SolverError(f"{name} must be an integer ≥ {2 - (name == 'knots')}, got {value!r}.")
+    for name, value, least in (("pilot", pilot, 2), ("knots", knots, 1), ("evaluations", evaluations, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SolverError(f"{name} must be an integer ≥ {least}, got {value!r}.")
     if validation is not None and (not isinstance(validation, int) or isinstance(validation, bool) or validation < 0
                                    or validation == 1):
         raise SolverError(f"validation must be 0 (none) or an integer ≥ 2, got {validation!r}.")

@@ -209,7 +209,8 @@ class GridOptions:
             raise SolverError("grid='user' needs times=[T, ..., eps].")
         if self.warp is not None:
             if self.grid == "user":
-                raise SolverError("warp changes a grid of ours; with grid='user' put the warped times in times instead.")
+                raise SolverError("warp changes a grid of ours; with grid='user' put the warped times in times "
+                                  "instead.")
             if (not isinstance(self.warp, (list, tuple)) or not 1 <= len(self.warp) <= MAX_WARP_KNOTS
                     or not all(isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= 10 for v in self.warp)):
                 raise SolverError(f"warp must be a list of 1 to {MAX_WARP_KNOTS} numbers in [-10, 10] (log step-length "

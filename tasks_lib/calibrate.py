@@ -19,16 +19,15 @@ from core_lib import UserError
 from evaluation import RunOutput
 from solvers.calibrate import calibrate_grid, check_request
 from tasks_lib.model_source import resolve_model
-from tasks_lib.sample import CALIBRATION_FILE, check_solver_options, dtype_of, header, solver_defaults, write_config
+from tasks_lib.sample import (CALIBRATION_FILE, check_solver_options, dtype_of, header, non_default_options,
+                             write_config)
 
 __all__ = ["calibrate_task", "check_calibration"]
 
 
 def _fitted_options(cfg: DictConfig) -> dict[str, Any]:
-    """The solver's options that differ from its own defaults: what a calibration records and a solve must match."""
-    given = OmegaConf.to_container(cfg.solver.options, resolve=True)
-    default = solver_defaults(cfg.solver.name)
-    return {k: v for k, v in given.items() if v != default.get(k)}
+    """The solver's options that differ from its defaults: what the calibration records."""
+    return non_default_options(cfg.solver.name, OmegaConf.to_container(cfg.solver.options, resolve=True))
 
 
 def check_calibration(cfg: DictConfig) -> None:
@@ -49,8 +48,7 @@ def calibrate_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict
     tc = cfg.task
     cal = calibrate_grid(model.sde, model.score_fn, list(tc.budgets), event_shape=tuple(model.event_shape),
                          eps=tc.eps, solver=cfg.solver.name, options=_fitted_options(cfg), pilot=tc.pilot,
-                         seed=cfg.seed,
-                         knots=tc.knots, evaluations=tc.evaluations, reference_rtol=tc.reference_rtol,
+                         seed=cfg.seed, knots=tc.knots, evaluations=tc.evaluations, reference_rtol=tc.reference_rtol,
                          device=cfg.device, dtype=dtype_of(cfg))
     metrics = {**header(cfg, model), "solver": cfg.solver.name, "eps": cal.eps, "pilot": cal.pilot,
                "reference_nfe": cal.reference_nfe}
@@ -61,4 +59,3 @@ def calibrate_task(cfg: DictConfig, run_dir: Path, overridden: set[str]) -> dict
     out.write_text(CALIBRATION_FILE, cal.to_json())
     write_config(out, cfg, model)
     return out.metrics(metrics)
-

@@ -27,7 +27,7 @@ from solvers.calibrate import GridCalibration
 from solvers.guidance import GuidanceWarning
 from tasks_lib.model_source import Guidance, ResolvedModel, resolve_guidance, resolve_model
 
-__all__ = ["sample_task", "likelihood_task", "check_solver_options", "calibrated_warp", "solver_defaults",
+__all__ = ["sample_task", "likelihood_task", "check_solver_options", "calibrated_warp", "non_default_options",
            "CALIBRATION_FILE", "dtype_of", "likelihood_config", "write_config",
            "header", "labelled_quality", "quiet_guidance", "digits_classifier", "classifier_quality", "frechet_floor"]
 
@@ -51,9 +51,11 @@ def check_solver_options(cfg: DictConfig) -> None:
 CALIBRATION_FILE = "grid_calibration.json"
 
 
-def solver_defaults(solver: str) -> dict[str, Any]:
-    """The options of ``solver`` as its ``Options`` dataclass sets them."""
-    return dataclasses.asdict(solvers.get_solver(solver).Options())
+def non_default_options(solver: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that differ from ``solver``'s own defaults (its ``Options`` dataclass): what a grid
+    calibration records, and what a solve that uses it must match."""
+    default = dataclasses.asdict(solvers.get_solver(solver).Options())
+    return {k: v for k, v in options.items() if v != default.get(k)}
 
 
 def calibrated_warp(cfg: DictConfig) -> list[float] | None:
@@ -80,10 +82,8 @@ def calibrated_warp(cfg: DictConfig) -> list[float] | None:
     if steps not in cal.warps:
         raise UserError(f"task.calibration={path} has warps for solver.steps in {sorted(cal.warps)}, not {steps}: "
                         f"set solver.steps to one of them, or calibrate with task.budgets=[{steps}].")
-    given = {k: v for k, v in options.items() if k != "warp"}
-    default = {k: v for k, v in solver_defaults(solver).items() if k != "warp"}
-    differ = sorted(k for k in set(given) | set(cal.options)
-                    if given.get(k, default.get(k)) != cal.options.get(k, default.get(k)))
+    given, fitted = non_default_options(solver, options), non_default_options(solver, cal.options)
+    differ = sorted(k for k in set(given) | set(fitted) if given.get(k) != fitted.get(k))
     if differ:
         raise UserError(f"task.calibration={path} was fitted with other solver.options ({', '.join(differ)}): use "
                         "the options it was fitted with, or calibrate with these.")

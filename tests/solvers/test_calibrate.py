@@ -79,7 +79,7 @@ def test_calibrated_grid_beats_the_default_on_samples_it_was_not_fitted_on(vp, t
     assert after < before and cal.validation == 64
     assert cal.validation_errors[10][1] < cal.validation_errors[10][0]   # the warp kept beats the grid on both draws
     assert len(cal.warp(10)) == 8
-    fit = cal.nfe[10] - cal.reference_nfe            # the default's solve, Nelder–Mead's and 2 validations, 10 NFE each
+    fit = cal.nfe[10] - cal.reference_nfe   # the default's solve, Nelder–Mead's and 2 validations, 10 NFE each
     assert fit % 10 == 0 and 12 * 10 <= fit <= 42 * 10
     z = sde.prior_sampling((512, 2), generator=torch.Generator().manual_seed(5), dtype=F64)
     ref = solvers.sample(sde, score, z=z, solver="pf_ode", method="dopri8", rtol=1e-8, atol=1e-8).samples
